@@ -1,0 +1,1 @@
+"""pixell-python-agent source package."""

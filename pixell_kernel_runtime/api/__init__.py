@@ -1,0 +1,1 @@
+"""HTTP only: parse, validate, call a manager, shape the answer."""

@@ -1,0 +1,46 @@
+"""/runtime/health, /runtime/info, /runtime/sandbox and /metrics."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from pixell_kernel_runtime import __version__, metrics
+from pixell_kernel_runtime.api.base import BaseHandler
+
+
+class HealthHandler(BaseHandler):
+    route = "/runtime/health"
+
+    def get(self) -> None:
+        self.write_json(
+            {
+                "status": "healthy",
+                "version": __version__,
+                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            }
+        )
+
+
+class InfoHandler(BaseHandler):
+    route = "/runtime/info"
+
+    def get(self) -> None:
+        self.write_json(self.runtime.info())
+
+
+class SandboxHandler(BaseHandler):
+    route = "/runtime/sandbox"
+
+    def get(self) -> None:
+        self.write_json(self.runtime.sandbox_report())
+
+
+class MetricsHandler(BaseHandler):
+    route = "/metrics"
+
+    def get(self) -> None:
+        self.runtime.refresh_gauges()
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(metrics.REGISTRY))

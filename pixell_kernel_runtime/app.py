@@ -1,0 +1,222 @@
+"""Builds the runtime (store, agents, sessions, sandbox) and its tornado Application."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from pixell_kernel_runtime import __version__, metrics
+from pixell_kernel_runtime.agents import Agent, Agents
+from pixell_kernel_runtime.api import agents as agents_api
+from pixell_kernel_runtime.api import packages as packages_api
+from pixell_kernel_runtime.api import runtime as runtime_api
+from pixell_kernel_runtime.api import sessions as sessions_api
+from pixell_kernel_runtime.api.base import NotFoundHandler
+from pixell_kernel_runtime.config import Settings
+from pixell_kernel_runtime.errors import RuntimeAPIError
+from pixell_kernel_runtime.packages import builder
+from pixell_kernel_runtime.packages.store import PackageStore
+from pixell_kernel_runtime.sandbox import Sandbox
+from pixell_kernel_runtime.sessions.manager import SessionManager
+
+log = logging.getLogger("pixell_kernel_runtime")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Runtime:
+    """Everything one server process owns, wired in one place."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = PackageStore(settings.store_dir, settings.archive)
+        self.run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="pkr-", dir="/tmp"))
+        self.sandbox = Sandbox(
+            mode=settings.sandbox_mode, config_path=settings.sandbox_config, run_dir=self.run_dir
+        )
+        self.sessions = SessionManager(settings, self.sandbox, self.run_dir)
+        self.agents = Agents(self.store, self.sessions)
+        self.started_at = time.time()
+        self.total_invocations = 0
+
+    async def start(self) -> None:
+        await self.sandbox.start()
+        await self.store.open()
+        await self.sessions.start()
+        if self.settings.packages_dir is not None:
+            await self._load_folder(self.settings.packages_dir, "packages_dir")
+        if self.settings.examples:
+            examples = self.settings.examples_dir or (REPO_ROOT / "examples")
+            out = self.settings.state_dir / "examples-build"
+            built = await asyncio.to_thread(builder.build_all, examples, out)
+            for path in built:
+                await self._load_one(path, "examples")
+
+    async def _load_folder(self, folder: Path, source: str) -> None:
+        paths = await asyncio.to_thread(lambda: sorted(folder.glob("*.apkg")))
+        for path in paths:
+            await self._load_one(path, source)
+
+    async def _load_one(self, path: Path, source: str) -> None:
+        try:
+            result = await self.agents.load(
+                path, sha256=None, source=f"{source}:{path}", use_sidecar=True
+            )
+            log.info("loaded %s from %s (%s)", result.package.id, path, result.status)
+        except RuntimeAPIError as exc:
+            log.error("skipping %s: %s", path, exc.message)
+
+    async def stop(self) -> None:
+        await self.sessions.stop()
+
+    async def invoke(
+        self, agent: Agent, input_: dict[str, Any], *, context: dict[str, Any], trace_id: str
+    ) -> dict[str, Any]:
+        self.total_invocations += 1
+        return await self.sessions.invoke(agent, input_, context=context, trace_id=trace_id)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "start_time": _iso(self.started_at),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "packages_loaded": len(self.store.list()),
+            "agents_mounted": len(self.agents.list()),
+            "total_invocations": self.total_invocations,
+            "status": "running",
+            "sessions": self.sessions.counts(),
+            "sandbox": self.sandbox.report(),
+        }
+
+    def sandbox_report(self) -> dict[str, Any]:
+        return self.sandbox.report()
+
+    def refresh_gauges(self) -> None:
+        metrics.PACKAGES_LOADED.set(len(self.store.list()))
+        metrics.SESSIONS_ACTIVE.set(self.sessions.counts()["active"])
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    logging.getLogger("pixell_kernel_runtime.access").log(
+        level,
+        "%s %s %d %.1fms",
+        handler.request.method,
+        handler.request.path,
+        status,
+        1000.0 * handler.request.request_time(),
+        extra={
+            "request_id": getattr(handler, "request_id", None),
+            "method": handler.request.method,
+            "path": handler.request.path,
+            "status": status,
+        },
+    )
+
+
+def make_app(runtime: Runtime) -> tornado.web.Application:
+    kw = {"runtime": runtime}
+    agent_id = r"(.+)"
+    routes: list[Any] = [
+        (r"/runtime/health", runtime_api.HealthHandler, kw),
+        (r"/health", runtime_api.HealthHandler, kw),
+        (r"/runtime/info", runtime_api.InfoHandler, kw),
+        (r"/runtime/sandbox", runtime_api.SandboxHandler, kw),
+        (r"/runtime/packages", packages_api.PackagesHandler, kw),
+        (r"/runtime/packages/load", packages_api.LoadHandler, kw),
+        (r"/runtime/packages/upload", packages_api.UploadHandler, kw),
+        (r"/runtime/packages/([^/]+)", packages_api.PackageHandler, kw),
+        (r"/runtime/agents", agents_api.AgentsHandler, kw),
+        (rf"/runtime/agents/{agent_id}/invoke", agents_api.InvokeHandler, kw),
+        (rf"/runtime/agents/{agent_id}", agents_api.AgentHandler, kw),
+        (r"/runtime/sessions", sessions_api.SessionsHandler, kw),
+        (r"/runtime/sessions/([^/]+)", sessions_api.SessionHandler, kw),
+        (r"/runtime/sessions/([^/]+)/interrupt", sessions_api.InterruptHandler, kw),
+        (r"/runtime/sessions/([^/]+)/restart", sessions_api.RestartHandler, kw),
+        (r"/runtime/sessions/([^/]+)/variables", sessions_api.VariablesHandler, kw),
+    ]
+    if runtime.settings.metrics_enabled:
+        routes.append((r"/metrics", runtime_api.MetricsHandler, kw))
+    return tornado.web.Application(
+        routes,
+        default_handler_class=NotFoundHandler,
+        default_handler_args=kw,
+        runtime=runtime,
+        metrics_enabled=runtime.settings.metrics_enabled,
+        log_function=_log_request,
+        compress_response=False,
+        xsrf_cookies=False,
+    )
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        for key in ("request_id", "method", "path", "status"):
+            if hasattr(record, key):
+                doc[key] = getattr(record, key)
+        if record.exc_info:
+            doc["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut every kernel down before exiting."""
+    runtime = Runtime(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.start()
+        app = make_app(runtime)
+        server = tornado.httpserver.HTTPServer(
+            app,
+            max_body_size=settings.max_body_bytes,
+            # Uploads raise their own cap per request (stream_request_body).
+            max_buffer_size=settings.max_body_bytes,
+            xheaders=False,
+        )
+        sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+        server.add_sockets(sockets)
+        port = sockets[0].getsockname()[1]
+        log.info(
+            "Pixell Kernel Runtime %s listening on http://%s:%d", __version__, settings.host, port
+        )
+        await stop.wait()
+        log.info("shutting down")
+        server.stop()
+    finally:
+        await runtime.stop()

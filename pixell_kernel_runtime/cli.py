@@ -1,0 +1,105 @@
+"""Command line: ``serve`` (the default) and ``build``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from pixell_kernel_runtime import __version__
+from pixell_kernel_runtime.config import apply_overrides, from_env
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pixell-kernel-runtime",
+        description="A sandboxed, Jupyter-kernel-backed runtime for Pixell agent packages.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the HTTP server (the default command)")
+    _serve_args(serve)
+
+    build = sub.add_parser("build", help="build APKG archives from agent source folders")
+    build.add_argument("sources", nargs="+", type=Path, help="folders holding agent.yaml")
+    build.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    return parser
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to bind (env HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to bind (env PORT; default 8000)")
+    p.add_argument(
+        "--state-dir", type=Path, help="where the runtime keeps its state (env STATE_DIR)"
+    )
+    p.add_argument(
+        "--package-cache-dir",
+        type=Path,
+        help="where installed packages live (env PACKAGE_CACHE_DIR; default STATE_DIR/packages)",
+    )
+    p.add_argument(
+        "--packages-dir",
+        type=Path,
+        help="load every .apkg in this folder at start (env PACKAGES_DIR)",
+    )
+    p.add_argument(
+        "--examples",
+        action="store_true",
+        default=None,
+        help="build and load the example agents in ./examples at start",
+    )
+    p.add_argument("--examples-dir", type=Path, help="folder of example agent sources")
+    p.add_argument(
+        "--run-dir", type=Path, help="short folder for kernel sockets (default /tmp/pkr-*)"
+    )
+    p.add_argument(
+        "--sandbox",
+        dest="sandbox_mode",
+        choices=["strict", "best_effort", "off"],
+        help="sandbox mode (env SANDBOX_MODE; default best_effort)",
+    )
+    p.add_argument(
+        "--sandbox-config",
+        type=Path,
+        help="operator sandbox policy file, YAML or JSON (env SANDBOX_CONFIG)",
+    )
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (env LOG_LEVEL)")
+    p.add_argument("--log-format", choices=["text", "json"], help="env LOG_FORMAT")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    # `pixell-kernel-runtime --port 9000` means serve, as `python -m ...` does.
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "serve")
+    args = parser.parse_args(argv)
+
+    if args.command == "build":
+        from pixell_kernel_runtime.packages import builder
+
+        return builder.main([*map(str, args.sources), "--out-dir", str(args.output)])
+
+    try:
+        settings = from_env()
+        overrides = {k: v for k, v in vars(args).items() if k != "command"}
+        apply_overrides(settings, overrides)
+        settings.validate()
+    except (ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from pixell_kernel_runtime.app import configure_logging, serve
+
+    configure_logging(settings)
+    try:
+        asyncio.run(serve(settings))
+    except Exception as exc:  # a start-up failure (port in use, strict sandbox): say it plainly
+        from pixell_kernel_runtime.errors import RuntimeAPIError
+
+        message = exc.message if isinstance(exc, RuntimeAPIError) else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,148 @@
+"""One settings object: defaults <- environment variables <- command-line flags.
+
+Validated once at start so that a bad value stops the server with a clear
+message instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "pixell-kernel-runtime"
+
+
+@dataclass
+class ArchiveLimits:
+    """Caps applied to every APKG before anything is written to the store."""
+
+    max_entries: int = 10_000
+    max_entry_bytes: int = 256 * MiB
+    max_total_bytes: int = 1024 * MiB
+    # Deflate reaches ~1000:1 only on degenerate input; real source trees sit far below 100:1.
+    max_ratio: float = 200.0
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    state_dir: Path = field(default_factory=_default_state_dir)
+    # Where installed (extracted) packages live; the original called it PACKAGE_CACHE_DIR.
+    package_cache_dir: Path | None = None
+    # A folder of .apkg files loaded at start.
+    packages_dir: Path | None = None
+    # Example agent source folders built and loaded at start (the README's run command).
+    examples: bool = False
+    examples_dir: Path | None = None
+    max_upload_bytes: int = 512 * MiB
+    max_body_bytes: int = 8 * MiB
+    archive: ArchiveLimits = field(default_factory=ArchiveLimits)
+    log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_enabled: bool = True
+    # Sessions and execution.
+    default_timeout_seconds: float = 60.0
+    max_timeout_seconds: float = 600.0
+    session_queue_size: int = 16
+    max_sessions: int = 64
+    session_idle_seconds: float = 3600.0
+    kernels_dir: Path | None = None
+    run_dir: Path | None = None
+    # Sandbox.
+    sandbox_mode: str = "best_effort"
+    sandbox_config: Path | None = None
+
+    @property
+    def store_dir(self) -> Path:
+        return self.package_cache_dir or (self.state_dir / "packages")
+
+    def validate(self) -> None:
+        if not (0 <= self.port <= 65535):
+            raise ValueError(f"port must be 0-65535, got {self.port}")
+        if self.sandbox_mode not in ("strict", "best_effort", "off"):
+            raise ValueError(
+                f"sandbox mode must be strict, best_effort or off, got {self.sandbox_mode!r}"
+            )
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log format must be text or json, got {self.log_format!r}")
+        if self.default_timeout_seconds <= 0 or self.max_timeout_seconds <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.default_timeout_seconds > self.max_timeout_seconds:
+            raise ValueError("the default timeout exceeds the maximum timeout")
+        if self.session_queue_size < 1 or self.max_sessions < 1:
+            raise ValueError("session queue size and max sessions must be at least 1")
+        if self.packages_dir is not None and not self.packages_dir.is_dir():
+            raise ValueError(f"packages dir is not a directory: {self.packages_dir}")
+
+
+def _as_bool(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+# Environment variable -> (settings field, converter). Documented in the README.
+ENV_VARS: dict[str, tuple[str, Any]] = {
+    "HOST": ("host", str),
+    "PORT": ("port", int),
+    "STATE_DIR": ("state_dir", Path),
+    "PACKAGE_CACHE_DIR": ("package_cache_dir", Path),
+    "PACKAGES_DIR": ("packages_dir", Path),
+    "MAX_UPLOAD_BYTES": ("max_upload_bytes", int),
+    "LOG_LEVEL": ("log_level", str),
+    "LOG_FORMAT": ("log_format", str),
+    "METRICS_ENABLED": ("metrics_enabled", _as_bool),
+    "DEFAULT_TIMEOUT_SECONDS": ("default_timeout_seconds", float),
+    "MAX_TIMEOUT_SECONDS": ("max_timeout_seconds", float),
+    "SESSION_QUEUE_SIZE": ("session_queue_size", int),
+    "MAX_SESSIONS": ("max_sessions", int),
+    "SESSION_IDLE_SECONDS": ("session_idle_seconds", float),
+    "KERNELS_DIR": ("kernels_dir", Path),
+    "RUN_DIR": ("run_dir", Path),
+    "SANDBOX_MODE": ("sandbox_mode", str),
+    "SANDBOX_CONFIG": ("sandbox_config", Path),
+}
+
+ARCHIVE_ENV_VARS: dict[str, tuple[str, Any]] = {
+    "APKG_MAX_ENTRIES": ("max_entries", int),
+    "APKG_MAX_ENTRY_BYTES": ("max_entry_bytes", int),
+    "APKG_MAX_TOTAL_BYTES": ("max_total_bytes", int),
+    "APKG_MAX_RATIO": ("max_ratio", float),
+}
+
+
+def from_env(environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    settings = Settings()
+    for name, (attr, conv) in ENV_VARS.items():
+        raw = environ.get(name) or environ.get("PIXELL_" + name)
+        if raw:
+            try:
+                setattr(settings, attr, conv(raw))
+            except ValueError as exc:
+                raise ValueError(f"environment variable {name}={raw!r}: {exc}") from None
+    for name, (attr, conv) in ARCHIVE_ENV_VARS.items():
+        raw = environ.get(name) or environ.get("PIXELL_" + name)
+        if raw:
+            try:
+                setattr(settings.archive, attr, conv(raw))
+            except ValueError as exc:
+                raise ValueError(f"environment variable {name}={raw!r}: {exc}") from None
+    return settings
+
+
+def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
+    names = {f.name for f in fields(settings)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in names:
+            raise KeyError(key)
+        setattr(settings, key, value)
+    return settings

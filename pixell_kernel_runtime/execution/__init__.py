@@ -1,0 +1,1 @@
+"""Running code in session kernels: bootstrap, kernel-side helpers, execution."""

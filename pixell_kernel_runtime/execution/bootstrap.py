@@ -1,0 +1,52 @@
+"""The code sent into kernels: the helper module at start, and the cells that call handlers.
+
+``kernel_side.py`` is never imported by the server; its source is executed in
+each fresh kernel as a module named ``__pixell__``, so the runtime's own
+package never has to be on a kernel's ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+_KERNEL_SIDE = Path(__file__).with_name("kernel_side.py")
+
+# Reached through sys.modules, so user code that rebinds or deletes the name
+# ``__pixell__`` cannot break the runtime's read-back.
+_HELPER = "__import__('sys').modules['__pixell__']"
+# What the server reads back after each cell, through user_expressions.
+COLLECT_EXPRESSION = {"r": f"{_HELPER}.collect()"}
+VARIABLES_EXPRESSION = {"r": f"{_HELPER}.variables()"}
+
+
+@cache
+def bootstrap_code() -> str:
+    source = _KERNEL_SIDE.read_text(encoding="utf-8")
+    return (
+        "import sys as __s, types as __t\n"
+        "__m = __t.ModuleType('__pixell__')\n"
+        f"exec(compile({source!r}, '<pixell-runtime>', 'exec'), __m.__dict__)\n"
+        "__s.modules['__pixell__'] = __m\n"
+        "__pixell__ = __m\n"
+        "__pixell__.install()\n"
+        "del __s, __t, __m\n"
+    )
+
+
+def handler_cell(module: str, function: str, payload: dict) -> str:
+    """A cell that imports ``module``, calls ``function(payload)`` and awaits a coroutine.
+
+    The module and function names were validated as dotted identifiers when the
+    package was loaded; the payload travels as a JSON string literal, so no
+    caller-supplied text is ever spliced into code.
+    """
+    data = json.dumps(payload, ensure_ascii=True, allow_nan=False)
+    return (
+        f"__pixell_rv = {_HELPER}.call_handler({module!r}, {function!r}, {data!r})\n"
+        f"if {_HELPER}.isawaitable(__pixell_rv):\n"
+        "    __pixell_rv = await __pixell_rv\n"
+        f"{_HELPER}.set_handler_result(__pixell_rv)\n"
+        "del __pixell_rv\n"
+    )

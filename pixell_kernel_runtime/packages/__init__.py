@@ -1,0 +1,1 @@
+"""APKG in, installed package out; never runs package code."""

@@ -1,0 +1,1 @@
+"""Sessions: (package, session_id) -> one live Jupyter kernel."""

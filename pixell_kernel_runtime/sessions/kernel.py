@@ -1,0 +1,255 @@
+"""One live kernel: start through jupyter_client, execute with a deadline, notice death.
+
+The kernel is launched from the spec in ``kernels/`` (argv through the
+sandbox launcher), over ipc sockets in a short per-session directory, with a
+clean environment built here: the server's own environment never reaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from pixell_kernel_runtime.execution import runner
+from pixell_kernel_runtime.execution.bootstrap import bootstrap_code
+
+log = logging.getLogger(__name__)
+
+KERNEL_NAME = "pixell-python"
+START_TIMEOUT = 60.0
+INTERRUPT_GRACE = 1.5
+
+# Variables a package may not set: they would change how Python or the loader
+# starts, or impersonate the runtime's own wiring.
+_RESERVED_ENV = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONSAFEPATH",
+                 "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "HOME", "TMPDIR"}
+_RESERVED_PREFIXES = ("PIXELL_", "JPY_", "JUPYTER_", "IPYTHON")
+
+
+class KernelStartError(Exception):
+    pass
+
+
+@dataclass
+class Exit:
+    """How a kernel process ended."""
+
+    code: int | None
+    signal: int | None
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            hint = " (likely out of memory)" if self.signal == signal.SIGKILL else ""
+            if self.signal == signal.SIGXCPU:
+                hint = " (CPU time limit)"
+            return f"the kernel was killed by {name}{hint}"
+        if self.code is not None:
+            return f"the kernel exited with code {self.code}"
+        return "the kernel died"
+
+    def to_json(self) -> dict[str, Any]:
+        name = None
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = None
+        return {"exit_code": self.code, "signal": self.signal, "signal_name": name}
+
+
+def _exit_from_returncode(rc: int | None) -> Exit:
+    if rc is None:
+        return Exit(None, None)
+    if rc < 0:
+        return Exit(None, -rc)
+    # bwrap and shells report a child's death by signal as 128 + signal.
+    if rc > 128 and rc - 128 < 65:
+        return Exit(rc, rc - 128)
+    return Exit(rc, None)
+
+
+def base_environment(extra: dict[str, str]) -> dict[str, str]:
+    """The kernel's whole environment: a fixed minimum plus the package's own variables."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = {
+        "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    }
+    for key, value in extra.items():
+        if key in _RESERVED_ENV or key.startswith(_RESERVED_PREFIXES) or key in env:
+            log.warning("package variable %s ignored: reserved by the runtime", key)
+            continue
+        env[key] = value
+    return env
+
+
+class SessionKernel:
+    """A kernel manager and its client, owned by one session."""
+
+    def __init__(
+        self,
+        *,
+        kernel_dir: Path,
+        work_dir: Path,
+        kernels_dir: Path,
+        env: dict[str, str],
+    ) -> None:
+        self.kernel_dir = kernel_dir
+        self.work_dir = work_dir
+        self.env = env
+        spec_manager = KernelSpecManager(kernel_dirs=[str(kernels_dir)])
+        self.km = AsyncKernelManager(
+            kernel_name=KERNEL_NAME,
+            kernel_spec_manager=spec_manager,
+            transport="ipc",
+            ip=str(kernel_dir / "s"),
+            connection_file=str(kernel_dir / "connection.json"),
+            shutdown_wait_time=2.0,
+        )
+        self.kc: AsyncKernelClient | None = None
+        self.exit: Exit | None = None
+        self._log_file: Any = None
+
+    @property
+    def pid(self) -> int | None:
+        proc = getattr(self.km.provisioner, "process", None) if self.km.provisioner else None
+        return getattr(proc, "pid", None)
+
+    async def start(self) -> None:
+        self._log_file = open(self.kernel_dir / "kernel.log", "ab")  # noqa: SIM115
+        try:
+            await self.km.start_kernel(
+                env=self.env,
+                cwd=str(self.work_dir),
+                stdout=self._log_file,
+                stderr=self._log_file,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+            await self._connect()
+        except Exception as exc:
+            detail = self._log_tail()
+            await self.shutdown()
+            raise KernelStartError(f"kernel failed to start: {exc}{detail}") from exc
+
+    async def _connect(self) -> None:
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        try:
+            await self.kc.wait_for_ready(timeout=START_TIMEOUT)
+        except RuntimeError as exc:
+            raise KernelStartError(str(exc)) from exc
+        run = runner.send(self.kc, bootstrap_code(), silent=True)
+        outcome = await runner.gather(
+            self.kc, run, deadline=time.monotonic() + START_TIMEOUT, is_alive=self.is_alive
+        )
+        if outcome != "done" or run.status != "ok":
+            raise KernelStartError(f"kernel bootstrap failed: {run.error or outcome}")
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.kernel_dir / "kernel.log", "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 2000))
+                tail = fh.read().decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+        return f"\n{tail}" if tail else ""
+
+    async def is_alive(self) -> bool:
+        if self.exit is not None:
+            return False
+        alive = await self.km.is_alive()
+        if not alive:
+            self.exit = await self._exit_status()
+        return alive
+
+    async def _exit_status(self) -> Exit:
+        provisioner = self.km.provisioner
+        rc = None
+        if provisioner is not None:
+            rc = await provisioner.poll()
+            proc = getattr(provisioner, "process", None)
+            if rc is None and proc is not None:
+                rc = proc.returncode
+        return _exit_from_returncode(rc)
+
+    async def execute(
+        self,
+        code: str,
+        *,
+        timeout: float,
+        silent: bool = False,
+        user_expressions: dict[str, str] | None = None,
+    ) -> tuple[runner.CellRun, str]:
+        """Run ``code``. Outcome: done, timeout (state kept), timeout_restarted, or dead."""
+        assert self.kc is not None
+        await runner.drain(self.kc)
+        run = runner.send(self.kc, code, silent=silent, user_expressions=user_expressions)
+        outcome = await runner.gather(
+            self.kc, run, deadline=time.monotonic() + timeout, is_alive=self.is_alive
+        )
+        if outcome != "deadline":
+            return run, outcome
+        # Deadline: ask politely, then restart (losing state) if the cell ignores it.
+        try:
+            await self.km.interrupt_kernel()
+        except Exception:  # noqa: BLE001 - a failed interrupt just means we restart
+            log.warning("interrupt failed", exc_info=True)
+        outcome = await runner.gather(
+            self.kc, run, deadline=time.monotonic() + INTERRUPT_GRACE, is_alive=self.is_alive
+        )
+        if outcome == "done":
+            return run, "timeout"
+        if outcome == "dead":
+            return run, "dead"
+        await self.restart()
+        return run, "timeout_restarted"
+
+    async def interrupt(self) -> None:
+        await self.km.interrupt_kernel()
+
+    async def restart(self) -> None:
+        """A fresh kernel process in the same directories; the old state is gone."""
+        if self.kc is not None:
+            self.kc.stop_channels()
+            self.kc = None
+        self.exit = None
+        await self.km.restart_kernel(now=True)
+        await self._connect()
+
+    async def shutdown(self) -> None:
+        if self.kc is not None:
+            self.kc.stop_channels()
+            self.kc = None
+        try:
+            if self.km.has_kernel:
+                await self.km.shutdown_kernel(now=True)
+        except Exception:  # noqa: BLE001 - shutting down must not fail the caller
+            log.warning("kernel shutdown failed", exc_info=True)
+        finally:
+            try:
+                self.km.cleanup_resources()
+            except Exception:  # noqa: BLE001
+                pass
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None

@@ -1,0 +1,407 @@
+"""(package, session_id) -> one live kernel: create, look up, queue calls, cull, shut down.
+
+Calls to one session run one at a time, in arrival order (an asyncio.Lock
+wakes its waiters first-in first-out), behind a bounded queue; different
+sessions run in parallel. Nothing here blocks the event loop: kernels are
+driven through jupyter_client's async API, and file work goes to threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pixell_kernel_runtime import metrics
+from pixell_kernel_runtime.agents import Agent
+from pixell_kernel_runtime.config import Settings
+from pixell_kernel_runtime.errors import (
+    NotFound,
+    RuntimeAPIError,
+    ServiceUnavailable,
+    TooManyRequests,
+    ValidationFailed,
+)
+from pixell_kernel_runtime.execution import answers
+from pixell_kernel_runtime.execution.bootstrap import (
+    COLLECT_EXPRESSION,
+    VARIABLES_EXPRESSION,
+    handler_cell,
+)
+from pixell_kernel_runtime.packages.manifest import CODE_EXECUTOR
+from pixell_kernel_runtime.packages.store import InstalledPackage
+from pixell_kernel_runtime.sandbox import Sandbox
+from pixell_kernel_runtime.sessions import procinfo
+from pixell_kernel_runtime.sessions.kernel import KernelStartError, SessionKernel, base_environment
+
+log = logging.getLogger(__name__)
+
+_SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._@:+=-]{1,128}$")
+DEFAULT_SESSION = "default"
+REPO_KERNELS = Path(__file__).resolve().parent.parent.parent / "kernels"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def session_key(package_id: str, session_id: str) -> str:
+    return f"{package_id}:{session_id}"
+
+
+@dataclass
+class Session:
+    key: str
+    session_id: str
+    package: InstalledPackage
+    dir: Path
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    executions: int = 0
+    restarts: int = 0
+    kernel: SessionKernel | None = None
+    # Set when the kernel died or was restarted behind the caller's back; the
+    # next answer says so, once.
+    restarted_note: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+    closed: bool = False
+
+    @property
+    def busy(self) -> bool:
+        return self.lock.locked()
+
+    def state(self) -> str:
+        if self.closed:
+            return "closed"
+        if self.kernel is None:
+            return "dead" if self.restarted_note else "not_started"
+        return "busy" if self.busy else "idle"
+
+    def summary(self) -> dict[str, Any]:
+        pid = self.kernel.pid if self.kernel else None
+        return {
+            "id": self.key,
+            "session_id": self.session_id,
+            "package_id": self.package.id,
+            "kernel_state": self.state(),
+            "created": _iso(self.created),
+            "last_used": _iso(self.last_used),
+            "executions": self.executions,
+            "restarts": self.restarts,
+            "queued": self.waiting,
+            "kernel_pid": pid,
+            "kernel_rss_bytes": procinfo.tree_rss(pid) if pid else None,
+        }
+
+
+class SessionManager:
+    def __init__(self, settings: Settings, sandbox: Sandbox, run_dir: Path) -> None:
+        self.settings = settings
+        self.sandbox = sandbox
+        self.run_dir = run_dir
+        self.kernels_dir = settings.kernels_dir or REPO_KERNELS
+        self._sessions: dict[str, Session] = {}
+        self._create_lock = asyncio.Lock()
+        self._culler: asyncio.Task[None] | None = None
+        self.created_total = 0
+
+    # ---- lifecycle -----------------------------------------------------
+
+    async def start(self) -> None:
+        (self.run_dir / "k").mkdir(parents=True, exist_ok=True)
+        if not (self.kernels_dir / "pixell-python" / "kernel.json").is_file():
+            raise RuntimeError(f"kernel spec missing: {self.kernels_dir}/pixell-python")
+        self._culler = asyncio.create_task(self._cull_loop())
+
+    async def stop(self) -> None:
+        if self._culler is not None:
+            self._culler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._culler
+        await asyncio.gather(*(self._close(s) for s in list(self._sessions.values())))
+        await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
+
+    def counts(self) -> dict[str, int]:
+        active = sum(1 for s in self._sessions.values() if s.kernel is not None)
+        return {"total": len(self._sessions), "active": active, "created": self.created_total}
+
+    # ---- look-up -------------------------------------------------------
+
+    def list(self) -> list[Session]:
+        return sorted(self._sessions.values(), key=lambda s: s.created)
+
+    def get(self, key: str) -> Session:
+        try:
+            return self._sessions[key]
+        except KeyError:
+            raise NotFound(f"Session not found: {key}", code="session_not_found") from None
+
+    async def _session_for(self, package: InstalledPackage, session_id: str) -> Session:
+        key = session_key(package.id, session_id)
+        session = self._sessions.get(key)
+        if session is not None and session.package.sha256 == package.sha256:
+            return session
+        async with self._create_lock:
+            session = self._sessions.get(key)
+            if session is not None and session.package.sha256 == package.sha256:
+                return session
+            if session is not None:
+                # The package was replaced under this id: its old kernel must go.
+                await self._close(session)
+            if len(self._sessions) >= self.settings.max_sessions:
+                await self._evict_one()
+            sdir = self.run_dir / "k" / secrets.token_hex(4)
+            await asyncio.to_thread(_make_session_dir, sdir)
+            session = Session(key=key, session_id=session_id, package=package, dir=sdir)
+            self._sessions[key] = session
+            self.created_total += 1
+            return session
+
+    async def _evict_one(self) -> None:
+        idle = [s for s in self._sessions.values() if not s.busy and s.waiting == 0]
+        if not idle:
+            raise ServiceUnavailable(
+                f"all {self.settings.max_sessions} sessions are busy; try again later",
+                code="too_many_sessions",
+            )
+        victim = min(idle, key=lambda s: s.last_used)
+        log.info("evicting idle session %s to make room", victim.key)
+        await self._close(victim)
+
+    # ---- kernel ownership ----------------------------------------------
+
+    async def _ensure_kernel(self, session: Session) -> SessionKernel:
+        if session.kernel is not None:
+            if await session.kernel.is_alive():
+                return session.kernel
+            exit_ = session.kernel.exit
+            await self._drop_kernel(session, cause="died_idle")
+            session.restarted_note = exit_.describe() if exit_ else "the kernel died"
+        work = session.dir / "work"
+        env_extra = self.sandbox.prepare_kernel(
+            kernel_dir=session.dir,
+            work_dir=work,
+            package_root=session.package.root,
+            package_name=session.package.manifest.name,
+            package_id=session.package.id,
+            resource_tier=session.package.manifest.resource_tier,
+        )
+        env = base_environment(session.package.manifest.environment)
+        env["PYTHONPATH"] = str(session.package.root)
+        env.setdefault("HOME", str(work))
+        env.update(env_extra)
+        kernel = SessionKernel(
+            kernel_dir=session.dir, work_dir=work, kernels_dir=self.kernels_dir, env=env
+        )
+        try:
+            await kernel.start()
+        except KernelStartError as exc:
+            log.error("session %s: %s", session.key, exc)
+            self.sandbox.release_kernel(session.dir)
+            raise ServiceUnavailable(
+                f"could not start a kernel for session {session.session_id}: "
+                f"{str(exc).splitlines()[0]}",
+                code="kernel_start_failed",
+            ) from None
+        metrics.KERNEL_STARTS.labels("restart" if session.restarted_note else "new").inc()
+        session.kernel = kernel
+        return kernel
+
+    async def _drop_kernel(self, session: Session, *, cause: str) -> None:
+        kernel, session.kernel = session.kernel, None
+        if kernel is not None:
+            await kernel.shutdown()
+            await asyncio.to_thread(self.sandbox.release_kernel, session.dir)
+            if cause != "shutdown":
+                metrics.KERNEL_DEATHS.labels(cause).inc()
+                session.restarts += 1
+
+    async def _close(self, session: Session) -> None:
+        session.closed = True
+        self._sessions.pop(session.key, None)
+        await self._drop_kernel(session, cause="shutdown")
+        await asyncio.to_thread(shutil.rmtree, session.dir, True)
+
+    # ---- calls ---------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, session: Session):  # type: ignore[no-untyped-def]
+        """Wait for this session's turn, within the queue bound."""
+        if session.waiting >= self.settings.session_queue_size:
+            raise TooManyRequests(
+                f"session {session.session_id} already has {session.waiting} calls queued"
+                f" (the limit is {self.settings.session_queue_size}); retry later",
+            )
+        session.waiting += 1
+        try:
+            await session.lock.acquire()
+        finally:
+            session.waiting -= 1
+        try:
+            if session.closed:
+                raise NotFound(
+                    f"Session {session.session_id} was closed while this call waited",
+                    code="session_closed",
+                )
+            yield
+        finally:
+            session.last_used = time.time()
+            session.lock.release()
+
+    def _timeout(self, input_: dict[str, Any]) -> float:
+        raw = input_.get("timeout_seconds")
+        if raw is None:
+            return self.settings.default_timeout_seconds
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0:
+            raise ValidationFailed(
+                [{"loc": ["body", "input", "timeout_seconds"], "msg": "must be a positive number",
+                  "type": "value_error"}]
+            )
+        return min(float(raw), self.settings.max_timeout_seconds)
+
+    @staticmethod
+    def session_id_of(input_: dict[str, Any], context: dict[str, Any]) -> str:
+        raw = input_.get("session_id", context.get("session_id"))
+        if raw is None or raw == "":
+            return DEFAULT_SESSION
+        if not isinstance(raw, str) or not _SESSION_ID_RE.match(raw):
+            raise ValidationFailed(
+                [{"loc": ["body", "input", "session_id"],
+                  "msg": "must be 1-128 characters of letters, digits and ._@:+=-",
+                  "type": "value_error"}]
+            )
+        return raw
+
+    async def invoke(
+        self, agent: Agent, input_: dict[str, Any], *, context: dict[str, Any], trace_id: str
+    ) -> dict[str, Any]:
+        if agent.private:
+            raise NotFound(f"Agent not found: {agent.id}", code="agent_not_found")
+        kind = agent.export.kind
+        session_id = self.session_id_of(input_, context)
+        timeout = self._timeout(input_)
+        if kind == CODE_EXECUTOR:
+            code = input_.get("code")
+            if not isinstance(code, str):
+                raise ValidationFailed(
+                    [{"loc": ["body", "input", "code"], "msg": "field required (a string)",
+                      "type": "value_error.missing" if code is None else "type_error.str"}]
+                )
+        started = time.perf_counter()
+        session = await self._session_for(agent.package, session_id)
+        async with self._turn(session):
+            kernel = await self._ensure_kernel(session)
+            note, session.restarted_note = session.restarted_note, None
+            session.executions += 1
+            if kind == CODE_EXECUTOR:
+                run, outcome = await kernel.execute(
+                    code, timeout=timeout, user_expressions=COLLECT_EXPRESSION
+                )
+            else:
+                cell = handler_cell(agent.export.module, agent.export.function, input_)
+                run, outcome = await kernel.execute(
+                    cell, timeout=timeout, silent=True, user_expressions=COLLECT_EXPRESSION
+                )
+            exit_ = kernel.exit
+            if outcome == "dead":
+                await self._drop_kernel(session, cause="died")
+                session.restarted_note = exit_.describe() if exit_ else "the kernel died"
+            elif outcome == "timeout_restarted":
+                session.restarts += 1
+                metrics.KERNEL_DEATHS.labels("timeout").inc()
+        duration_ms = round((time.perf_counter() - started) * 1000.0, 3)
+        fate = answers.Fate(outcome=outcome, timeout=timeout, exit=exit_, restarted_note=note)
+        if kind == CODE_EXECUTOR:
+            output = answers.code_output(run, fate, session_id, duration_ms)
+            status = output["status"]
+            meta: dict[str, Any] = {}
+        else:
+            output, meta = answers.handler_output(run, fate)
+            status = "error" if meta.get("error") else "success"
+        metrics.INVOCATIONS.labels(kind, status).inc()
+        metrics.INVOKE_DURATION.labels(kind).observe(duration_ms / 1000.0)
+        return {
+            "agent_id": agent.id,
+            "output": output,
+            "duration_ms": duration_ms,
+            "trace_id": trace_id,
+            "metadata": {
+                "session_id": session_id,
+                "session": session.key,
+                "kind": kind,
+                "execution_count": run.execution_count,
+                "session_restarted": note is not None,
+                **({"restart_reason": note} if note else {}),
+                **meta,
+            },
+        }
+
+    # ---- session operations (the sessions API) -------------------------
+
+    async def delete(self, key: str) -> None:
+        session = self.get(key)
+        await self._close(session)
+
+    async def interrupt(self, key: str) -> None:
+        session = self.get(key)
+        if session.kernel is None:
+            raise RuntimeAPIError(f"session {key} has no running kernel", status=409,
+                                  kind="Conflict", code="no_kernel")
+        await session.kernel.interrupt()
+
+    async def restart(self, key: str) -> None:
+        session = self.get(key)
+        async with self._turn(session):
+            if session.kernel is None:
+                await self._ensure_kernel(session)
+                return
+            await session.kernel.restart()
+            session.restarts += 1
+
+    async def variables(self, key: str) -> list[dict[str, Any]]:
+        session = self.get(key)
+        if session.kernel is None:
+            return []
+        async with self._turn(session):
+            if session.kernel is None:
+                return []
+            run, outcome = await session.kernel.execute(
+                "", timeout=10.0, silent=True, user_expressions=VARIABLES_EXPRESSION
+            )
+            if outcome == "dead":
+                exit_ = session.kernel.exit
+                await self._drop_kernel(session, cause="died")
+                session.restarted_note = exit_.describe() if exit_ else "the kernel died"
+                return []
+            return answers.user_expression(run).get("variables", [])
+
+    async def shutdown_package(self, package_id: str) -> int:
+        victims = [s for s in self._sessions.values() if s.package.id == package_id]
+        await asyncio.gather(*(self._close(s) for s in victims))
+        return len(victims)
+
+    async def _cull_loop(self) -> None:
+        idle_limit = self.settings.session_idle_seconds
+        while True:
+            await asyncio.sleep(min(60.0, max(1.0, idle_limit / 4)))
+            now = time.time()
+            for s in list(self._sessions.values()):
+                if not s.busy and s.waiting == 0 and now - s.last_used > idle_limit:
+                    log.info("culling idle session %s", s.key)
+                    await self._close(s)
+
+
+def _make_session_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True)
+    (path / "work").mkdir(mode=0o700)
