@@ -80,6 +80,8 @@ class Runtime:
             log.info("loaded %s from %s (%s)", result.package.id, path, result.status)
         except RuntimeAPIError as exc:
             log.error("skipping %s: %s", path, exc.message)
+        except Exception:  # one unreadable file must not stop the server from starting
+            log.exception("skipping %s: unexpected error while loading", path)
 
     async def stop(self) -> None:
         await self.sessions.stop()

@@ -25,6 +25,10 @@ _CHUNK = 1024 * 1024
 _RATIO_FLOOR_BYTES = 1024 * 1024
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _WINDOWS_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+# Longer names cannot be created on common filesystems (NAME_MAX 255) and would
+# fail at extraction with an OSError instead of a clear refusal.
+_MAX_PART_BYTES = 255
+_MAX_NAME_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,17 @@ def _check_name(raw: str) -> str:
     if raw.startswith("/") or _WINDOWS_DRIVE_RE.match(raw):
         raise PackageError(f"unsafe entry {shown!r}: absolute path", code="unsafe_entry")
     parts = raw.rstrip("/").split("/")
+    if len(raw.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
+        raise PackageError(
+            f"unsafe entry {shown[:80]!r}...: name too long (over {_MAX_NAME_BYTES} bytes)",
+            code="unsafe_entry",
+        )
     for part in parts:
+        if len(part.encode("utf-8", "surrogatepass")) > _MAX_PART_BYTES:
+            raise PackageError(
+                f"unsafe entry {shown!r}: path component too long (over {_MAX_PART_BYTES} bytes)",
+                code="unsafe_entry",
+            )
         if part == "..":
             raise PackageError(f"unsafe entry {shown!r}: '..' component", code="unsafe_entry")
         if part in ("", "."):
@@ -143,8 +157,12 @@ def _check_type(info: zipfile.ZipInfo, name: str) -> None:
                 f"unsafe entry {name!r}: special file (device, FIFO or socket)",
                 code="unsafe_entry",
             )
-    if info.flag_bits & 0x1:
+    if info.flag_bits & 0x41:  # bit 0: encrypted, bit 6: strong encryption
         raise PackageError(f"unsupported entry {name!r}: encrypted", code="unsafe_entry")
+    if info.flag_bits & 0x20:  # zipfile raises NotImplementedError on reading it
+        raise PackageError(
+            f"unsupported entry {name!r}: compressed patched data", code="unsafe_entry"
+        )
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise PackageError(
             f"unsupported entry {name!r}: compression method {info.compress_type}"

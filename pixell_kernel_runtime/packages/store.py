@@ -276,7 +276,15 @@ class PackageStore:
                     else None,
                 )
                 archive.extract(zf, listing, staged / "pkg", self.limits)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        # NotImplementedError and UnicodeDecodeError: what zipfile raises on
+        # unsupported features and on a local header name that is not UTF-8.
+        except (
+            zipfile.BadZipFile,
+            zlib.error,
+            EOFError,
+            NotImplementedError,
+            UnicodeDecodeError,
+        ) as exc:
             _rmtree(staged)
             raise PackageError(f"corrupt ZIP archive: {exc}", code="not_a_zip") from None
         except BaseException:
@@ -318,6 +326,9 @@ class PackageStore:
 
     async def discard(self, pkg: InstalledPackage) -> None:
         """Remove a package's files once nothing uses them any more."""
-        if any(p.sha256 == pkg.sha256 for p in self._packages.values()):
-            return
-        await asyncio.to_thread(_rmtree, self.objects / pkg.sha256)
+        # Under the id's lock: a concurrent install of the same bytes publishes
+        # this very object, and must not have it removed under its feet.
+        async with self._locks.setdefault(pkg.id, asyncio.Lock()):
+            if any(p.sha256 == pkg.sha256 for p in self._packages.values()):
+                return
+            await asyncio.to_thread(_rmtree, self.objects / pkg.sha256)
