@@ -47,7 +47,12 @@ class Runtime:
         self.store = PackageStore(settings.store_dir, settings.archive)
         self.run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="pkr-", dir="/tmp"))
         self.sandbox = Sandbox(
-            mode=settings.sandbox_mode, config_path=settings.sandbox_config, run_dir=self.run_dir
+            mode=settings.sandbox_mode,
+            config_path=settings.sandbox_config,
+            run_dir=self.run_dir,
+            # Kernels must not read other packages or the runtime's state; each kernel's own
+            # package root is bound back read-only.
+            hidden_dirs=sorted({str(settings.state_dir), str(settings.store_dir)}),
         )
         self.sessions = SessionManager(settings, self.sandbox, self.run_dir)
         self.agents = Agents(self.store, self.sessions)
@@ -84,7 +89,10 @@ class Runtime:
             log.exception("skipping %s: unexpected error while loading", path)
 
     async def stop(self) -> None:
-        await self.sessions.stop()
+        try:
+            await self.sessions.stop()
+        finally:
+            await asyncio.to_thread(self.sandbox.close)
 
     async def invoke(
         self, agent: Agent, input_: dict[str, Any], *, context: dict[str, Any], trace_id: str

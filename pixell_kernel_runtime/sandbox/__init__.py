@@ -1,28 +1,25 @@
-"""PLACEHOLDER until the sandbox implementation lands (same interface)."""
+"""Kernel sandbox: a launcher in front of ipykernel plus the server-side bookkeeping.
+
+``from pixell_kernel_runtime.sandbox import Sandbox, SandboxUnavailable``
+
+Kept import-free on purpose: the launcher (``python -m pixell_kernel_runtime.sandbox.launcher``)
+imports this package on every kernel start and must stay stdlib-only and fast, so the server-side
+classes are loaded lazily on first attribute access.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core import Sandbox, SandboxUnavailable
+
+__all__ = ["Sandbox", "SandboxUnavailable"]
 
 
-class SandboxUnavailable(Exception):
-    pass
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import core
 
-
-class Sandbox:
-    def __init__(self, mode: str = "best_effort", config_path: Path | None = None,
-                 run_dir: Path | None = None) -> None:
-        self.mode = mode
-
-    async def start(self) -> None:
-        return None
-
-    def report(self) -> dict[str, Any]:
-        return {"mode": self.mode, "layers": {}}
-
-    def prepare_kernel(self, **kw: Any) -> dict[str, str]:
-        return {}
-
-    def release_kernel(self, kernel_dir: Path) -> None:
-        return None
+        return getattr(core, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
