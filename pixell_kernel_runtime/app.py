@@ -28,6 +28,7 @@ from pixell_kernel_runtime.errors import RuntimeAPIError
 from pixell_kernel_runtime.packages import builder
 from pixell_kernel_runtime.packages.store import PackageStore
 from pixell_kernel_runtime.sandbox import Sandbox
+from pixell_kernel_runtime.sandbox.core import AUTO
 from pixell_kernel_runtime.sessions.manager import SessionManager
 
 log = logging.getLogger("pixell_kernel_runtime")
@@ -37,6 +38,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _tool(setting: str | None) -> Any:
+    """A sandbox tool setting: unset -> look it up, "none" -> do without, else a path."""
+    if setting is None:
+        return AUTO
+    return None if setting.strip().lower() in ("", "none") else setting
 
 
 class Runtime:
@@ -53,6 +61,8 @@ class Runtime:
             # Kernels must not read other packages or the runtime's state; each kernel's own
             # package root is bound back read-only.
             hidden_dirs=sorted({str(settings.state_dir), str(settings.store_dir)}),
+            bwrap_path=_tool(settings.sandbox_bwrap),
+            unshare_path=_tool(settings.sandbox_unshare),
         )
         self.sessions = SessionManager(settings, self.sandbox, self.run_dir)
         self.agents = Agents(self.store, self.sessions)

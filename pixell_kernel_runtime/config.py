@@ -59,6 +59,10 @@ class Settings:
     # Sandbox.
     sandbox_mode: str = "best_effort"
     sandbox_config: Path | None = None
+    # Where bubblewrap and unshare are, or "none" to do without (an operator forcing a
+    # fallback, or tests showing that the fallbacks hold); unset means look them up on PATH.
+    sandbox_bwrap: str | None = None
+    sandbox_unshare: str | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -107,6 +111,8 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "RUN_DIR": ("run_dir", Path),
     "SANDBOX_MODE": ("sandbox_mode", str),
     "SANDBOX_CONFIG": ("sandbox_config", Path),
+    "SANDBOX_BWRAP": ("sandbox_bwrap", str),
+    "SANDBOX_UNSHARE": ("sandbox_unshare", str),
 }
 
 ARCHIVE_ENV_VARS: dict[str, tuple[str, Any]] = {
