@@ -67,7 +67,6 @@ class Runtime:
         self.sessions = SessionManager(settings, self.sandbox, self.run_dir)
         self.agents = Agents(self.store, self.sessions)
         self.started_at = time.time()
-        self.total_invocations = 0
 
     async def start(self) -> None:
         await self.sandbox.start()
@@ -107,7 +106,6 @@ class Runtime:
     async def invoke(
         self, agent: Agent, input_: dict[str, Any], *, context: dict[str, Any], trace_id: str
     ) -> dict[str, Any]:
-        self.total_invocations += 1
         return await self.sessions.invoke(agent, input_, context=context, trace_id=trace_id)
 
     def info(self) -> dict[str, Any]:
@@ -117,7 +115,7 @@ class Runtime:
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "packages_loaded": len(self.store.list()),
             "agents_mounted": len(self.agents.list()),
-            "total_invocations": self.total_invocations,
+            "total_invocations": self.sessions.invocations,
             "status": "running",
             "sessions": self.sessions.counts(),
             "sandbox": self.sandbox.report(),

@@ -112,8 +112,9 @@ class Client:
 class Server:
     """``python -m pixell_kernel_runtime`` as a child process, as a user would run it."""
 
-    def __init__(self, state_dir: Path, args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, args: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.state_dir = state_dir
         self.args = args or []
@@ -127,8 +128,19 @@ class Server:
         env.pop("PORT", None)
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pixell_kernel_runtime", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--state-dir", str(self.state_dir), *self.args],
+            [
+                sys.executable,
+                "-m",
+                "pixell_kernel_runtime",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--state-dir",
+                str(self.state_dir),
+                *self.args,
+            ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -170,8 +182,11 @@ class Server:
 def server_factory(tmp_path: Path) -> Iterator[Any]:
     servers: list[Server] = []
 
-    def make(args: list[str] | None = None, env: dict[str, str] | None = None,
-             state_dir: Path | None = None) -> Server:
+    def make(
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        state_dir: Path | None = None,
+    ) -> Server:
         srv = Server(state_dir or tmp_path / "state", args, env)
         servers.append(srv)
         return srv.start()
@@ -191,8 +206,9 @@ def client(server: Server) -> Client:
     return server.client
 
 
-def make_apkg(path: Path, files: dict[str, bytes | str], *, infos: list[zipfile.ZipInfo]
-              | None = None) -> Path:
+def make_apkg(
+    path: Path, files: dict[str, bytes | str], *, infos: list[zipfile.ZipInfo] | None = None
+) -> Path:
     """Write a ZIP with ``files`` (name -> content) and any raw ZipInfo entries given."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pixell_kernel_runtime.api.base import BaseHandler, Field
+from pixell_kernel_runtime.errors import NotFound
 
 
 class AgentsHandler(BaseHandler):
@@ -23,8 +24,11 @@ class InvokeHandler(BaseHandler):
     route = "/runtime/agents/{id}/invoke"
 
     async def post(self, agent_id: str) -> None:
-        # Look the agent up first: an unknown agent is a 404 whatever the body.
+        # Look the agent up first: an unknown agent is a 404 whatever the body. A private
+        # sub-agent is not there for callers either (nor counted as an invocation).
         agent = self.runtime.agents.get(agent_id)
+        if agent.private:
+            raise NotFound(f"Agent not found: {agent_id}", code="agent_not_found")
         body = self.json_body(
             {"input": Field(dict), "context": Field(dict), "trace_id": Field(str)}
         )

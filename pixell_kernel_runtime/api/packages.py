@@ -149,9 +149,17 @@ class UploadHandler(BaseHandler):
         self._part_name = params.get(b"name", b"").decode("utf-8", "replace")
         if self._part_name == "file":
             if self._file_seen:
-                self._fail(ValidationFailed(
-                    [{"loc": ["body", "file"], "msg": "only one file may be uploaded",
-                      "type": "value_error"}]))
+                self._fail(
+                    ValidationFailed(
+                        [
+                            {
+                                "loc": ["body", "file"],
+                                "msg": "only one file may be uploaded",
+                                "type": "value_error",
+                            }
+                        ]
+                    )
+                )
                 return
             self._file_seen = True
             self._filename = params.get(b"filename", b"").decode("utf-8", "replace")[:255]
@@ -200,8 +208,13 @@ class UploadHandler(BaseHandler):
                 self._out = None
             if not self._file_seen:
                 raise ValidationFailed(
-                    [{"loc": ["body", "file"], "msg": "field required",
-                      "type": "value_error.missing"}]
+                    [
+                        {
+                            "loc": ["body", "file"],
+                            "msg": "field required",
+                            "type": "value_error.missing",
+                        }
+                    ]
                 )
             raw_digest = self._fields.get("sha256", b"").decode("utf-8", "replace").strip()
             if len(raw_digest) > _SMALL_FIELD_LIMIT:

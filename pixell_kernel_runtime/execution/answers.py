@@ -46,6 +46,16 @@ def user_expression(run: CellRun, name: str = "r") -> dict[str, Any]:
     return {}
 
 
+def handler_pending(run: CellRun) -> bool:
+    """Did phase one of a handler call leave an awaitable to await (``HANDLER_EXPRESSIONS``)?"""
+    if run.status != "ok":
+        return False
+    entry = run.user_expressions.get("pending")
+    if not isinstance(entry, dict) or entry.get("status") != "ok":
+        return False
+    return (entry.get("data") or {}).get("text/plain") == "True"
+
+
 def _one_line(exc: dict[str, Any] | None) -> str:
     if not exc:
         return "execution failed"
@@ -63,9 +73,12 @@ def _failure(run: CellRun, fate: Fate) -> tuple[str, dict[str, Any]] | None:
             "state_lost": lost,
             "detail": (
                 f"the cell ran past {fate.timeout:g}s; "
-                + ("it ignored the interrupt, so the kernel was restarted and the session's"
-                   " state is lost" if lost else "it was interrupted and the session's state"
-                   " is kept")
+                + (
+                    "it ignored the interrupt, so the kernel was restarted and the session's"
+                    " state is lost"
+                    if lost
+                    else "it was interrupted and the session's state is kept"
+                )
             ),
         }
     if fate.outcome == "dead":
@@ -79,9 +92,7 @@ def _failure(run: CellRun, fate: Fate) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
-def code_output(
-    run: CellRun, fate: Fate, session_id: str, duration_ms: float
-) -> dict[str, Any]:
+def code_output(run: CellRun, fate: Fate, session_id: str, duration_ms: float) -> dict[str, Any]:
     """The code executor's ``output``, in the contract's key order."""
     failure = _failure(run, fate)
     out: dict[str, Any] = {}

@@ -35,8 +35,20 @@ def bootstrap_code() -> str:
     )
 
 
+# The name under which phase one leaves an awaitable return value for phase two.
+_PENDING = "__pixell_pending"
+# Read back after phase one: did the handler return an awaitable?
+HANDLER_EXPRESSIONS = {**COLLECT_EXPRESSION, "pending": f"{_PENDING!r} in globals()"}
+
+
 def handler_cell(module: str, function: str, payload: dict) -> str:
-    """A cell that imports ``module``, calls ``function(payload)`` and awaits a coroutine.
+    """Phase one of a handler call: import ``module`` and call ``function(payload)``.
+
+    The cell holds no ``await``: ipykernel (7.4, verified end to end) does not interrupt a
+    cell with a top-level ``await``, so with one a synchronous handler that loops or sleeps
+    could never be interrupted (a timeout restarted the kernel, losing the session's state).
+    An awaitable return value is left in ``__pixell_pending`` for :data:`AWAIT_HANDLER_CELL`
+    (async handlers keep that limitation).
 
     The module and function names were validated as dotted identifiers when the
     package was loaded; the payload travels as a JSON string literal, so no
@@ -44,9 +56,21 @@ def handler_cell(module: str, function: str, payload: dict) -> str:
     """
     data = json.dumps(payload, ensure_ascii=True, allow_nan=False)
     return (
+        f"globals().pop({_PENDING!r}, None)\n"
         f"__pixell_rv = {_HELPER}.call_handler({module!r}, {function!r}, {data!r})\n"
         f"if {_HELPER}.isawaitable(__pixell_rv):\n"
-        "    __pixell_rv = await __pixell_rv\n"
-        f"{_HELPER}.set_handler_result(__pixell_rv)\n"
+        f"    {_PENDING} = __pixell_rv\n"
+        "else:\n"
+        f"    {_HELPER}.set_handler_result(__pixell_rv)\n"
         "del __pixell_rv\n"
     )
+
+
+# Phase two, only when phase one left an awaitable: await it.
+AWAIT_HANDLER_CELL = (
+    f"__pixell_rv = {_PENDING}\n"
+    f"del {_PENDING}\n"
+    "__pixell_rv = await __pixell_rv\n"
+    f"{_HELPER}.set_handler_result(__pixell_rv)\n"
+    "del __pixell_rv\n"
+)

@@ -94,10 +94,13 @@ MAX_VARIABLES = 1_000
 _IPYTHON_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython", "__pixell__"})
 
 _MISSING = object()
+_MAX_NESTED_CELLS = 16
 
 # Mutable module state. Reset by the pre_run_cell hook, filled by post_run_cell.
 _STATE = {
-    "snapshot": _MISSING,  # object bound to `result` before the running cell (dropped after)
+    # Objects bound to `result` before each running cell (dropped after). A stack: a cell
+    # magic such as %%capture runs its body as a nested cell, whose hooks fire in between.
+    "snapshots": [],
     "raw_cell": "",
     "result_bound": False,  # the last non-silent cell bound the name `result`
     "last_value": None,  # ExecutionResult.result of the last non-silent cell
@@ -136,15 +139,18 @@ def _pre_run_cell(info=None):
         _STATE["error"] = False
         raw = getattr(info, "raw_cell", None)
         _STATE["raw_cell"] = raw if isinstance(raw, str) else ""
-        _STATE["snapshot"] = _user_ns().get(RESULT_NAME, _MISSING)
+        snapshots = _STATE["snapshots"]
+        del snapshots[:-_MAX_NESTED_CELLS]  # bounded, should a post hook ever be missed
+        snapshots.append(_user_ns().get(RESULT_NAME, _MISSING))
     except Exception:
         pass
 
 
 def _post_run_cell(exec_result=None):
     try:
-        snapshot = _STATE["snapshot"]
-        _STATE["snapshot"] = _MISSING  # do not keep a rebound old value alive
+        snapshots = _STATE["snapshots"]
+        # Popped: do not keep a rebound old value alive.
+        snapshot = snapshots.pop() if snapshots else _MISSING
         if exec_result is not None:
             _STATE["last_value"] = getattr(exec_result, "result", None)
             _STATE["error"] = not getattr(exec_result, "success", True)

@@ -32,8 +32,17 @@ INTERRUPT_GRACE = 1.5
 
 # Variables a package may not set: they would change how Python or the loader
 # starts, or impersonate the runtime's own wiring.
-_RESERVED_ENV = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONSAFEPATH",
-                 "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "HOME", "TMPDIR"}
+_RESERVED_ENV = {
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONSTARTUP",
+    "PYTHONSAFEPATH",
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "LD_AUDIT",
+    "HOME",
+    "TMPDIR",
+}
 _RESERVED_PREFIXES = ("PIXELL_", "JPY_", "JUPYTER_", "IPYTHON")
 
 
@@ -54,7 +63,9 @@ class Exit:
                 name = signal.Signals(self.signal).name
             except ValueError:
                 name = f"signal {self.signal}"
-            hint = " (likely out of memory)" if self.signal == signal.SIGKILL else ""
+            hint = (
+                " (out of memory, or killed from outside)" if self.signal == signal.SIGKILL else ""
+            )
             if self.signal == signal.SIGXCPU:
                 hint = " (CPU time limit)"
             return f"the kernel was killed by {name}{hint}"
@@ -242,14 +253,11 @@ class SessionKernel:
             self.kc = None
         try:
             if self.km.has_kernel:
+                # Also removes the connection file and ipc sockets.
                 await self.km.shutdown_kernel(now=True)
         except Exception:  # noqa: BLE001 - shutting down must not fail the caller
             log.warning("kernel shutdown failed", exc_info=True)
         finally:
-            try:
-                self.km.cleanup_resources()
-            except Exception:  # noqa: BLE001
-                pass
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None

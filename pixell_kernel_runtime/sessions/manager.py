@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -32,10 +34,13 @@ from pixell_kernel_runtime.errors import (
 )
 from pixell_kernel_runtime.execution import answers
 from pixell_kernel_runtime.execution.bootstrap import (
+    AWAIT_HANDLER_CELL,
     COLLECT_EXPRESSION,
+    HANDLER_EXPRESSIONS,
     VARIABLES_EXPRESSION,
     handler_cell,
 )
+from pixell_kernel_runtime.execution.runner import CellRun
 from pixell_kernel_runtime.packages.manifest import CODE_EXECUTOR
 from pixell_kernel_runtime.packages.store import InstalledPackage
 from pixell_kernel_runtime.sandbox import Sandbox
@@ -50,9 +55,7 @@ REPO_KERNELS = Path(__file__).resolve().parent.parent.parent / "kernels"
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def session_key(package_id: str, session_id: str) -> str:
@@ -65,6 +68,9 @@ class Session:
     session_id: str
     package: InstalledPackage
     dir: Path
+    # Fixed when the session is created (the first call's input.resource_tier, else the
+    # manifest's); the operator's policy caps it in the sandbox.
+    resource_tier: int | None = None
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     executions: int = 0
@@ -115,6 +121,8 @@ class SessionManager:
         self._create_lock = asyncio.Lock()
         self._culler: asyncio.Task[None] | None = None
         self.created_total = 0
+        # Calls that passed validation (what /runtime/info reports as total_invocations).
+        self.invocations = 0
 
     # ---- lifecycle -----------------------------------------------------
 
@@ -147,7 +155,9 @@ class SessionManager:
         except KeyError:
             raise NotFound(f"Session not found: {key}", code="session_not_found") from None
 
-    async def _session_for(self, package: InstalledPackage, session_id: str) -> Session:
+    async def _session_for(
+        self, package: InstalledPackage, session_id: str, resource_tier: int | None = None
+    ) -> Session:
         key = session_key(package.id, session_id)
         session = self._sessions.get(key)
         if session is not None and session.package.sha256 == package.sha256:
@@ -163,7 +173,15 @@ class SessionManager:
                 await self._evict_one()
             sdir = self.run_dir / "k" / secrets.token_hex(4)
             await asyncio.to_thread(_make_session_dir, sdir)
-            session = Session(key=key, session_id=session_id, package=package, dir=sdir)
+            session = Session(
+                key=key,
+                session_id=session_id,
+                package=package,
+                dir=sdir,
+                resource_tier=package.manifest.resource_tier
+                if resource_tier is None
+                else resource_tier,
+            )
             self._sessions[key] = session
             self.created_total += 1
             return session
@@ -189,26 +207,36 @@ class SessionManager:
             await self._drop_kernel(session, cause="died_idle")
             session.restarted_note = exit_.describe() if exit_ else "the kernel died"
         work = session.dir / "work"
-        env_extra = self.sandbox.prepare_kernel(
-            kernel_dir=session.dir,
-            work_dir=work,
-            package_root=session.package.root,
-            package_name=session.package.manifest.name,
-            package_id=session.package.id,
-            resource_tier=session.package.manifest.resource_tier,
+        # Creating cgroups and chowning the session dir is file work: keep it off the loop.
+        env_extra = await asyncio.to_thread(
+            functools.partial(
+                self.sandbox.prepare_kernel,
+                kernel_dir=session.dir,
+                work_dir=work,
+                package_root=session.package.root,
+                package_name=session.package.manifest.name,
+                package_id=session.package.id,
+                resource_tier=session.resource_tier,
+            )
         )
         env = base_environment(session.package.manifest.environment)
-        env["PYTHONPATH"] = str(session.package.root)
         env.setdefault("HOME", str(work))
+        env_extra = dict(env_extra)
+        # The sandbox may add its own entry (for its launcher, which removes it again): it goes
+        # after the package root, never in its place.
+        sandbox_path = env_extra.pop("PYTHONPATH", None)
         env.update(env_extra)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(session.package.root), sandbox_path]))
         kernel = SessionKernel(
             kernel_dir=session.dir, work_dir=work, kernels_dir=self.kernels_dir, env=env
         )
         try:
             await kernel.start()
         except KernelStartError as exc:
+            await asyncio.to_thread(self.sandbox.release_kernel, session.dir)
+            if session.closed:  # its directory was removed under the starting kernel
+                raise _closed(session, "started its kernel") from None
             log.error("session %s: %s", session.key, exc)
-            self.sandbox.release_kernel(session.dir)
             raise ServiceUnavailable(
                 f"could not start a kernel for session {session.session_id}: "
                 f"{str(exc).splitlines()[0]}",
@@ -216,6 +244,11 @@ class SessionManager:
             ) from None
         metrics.KERNEL_STARTS.labels("restart" if session.restarted_note else "new").inc()
         session.kernel = kernel
+        if session.closed:
+            # Deleted (or its package unloaded) while the kernel started: nothing else
+            # would ever shut this kernel down.
+            await self._drop_kernel(session, cause="shutdown")
+            raise _closed(session, "started its kernel")
         return kernel
 
     async def _drop_kernel(self, session: Session, *, cause: str) -> None:
@@ -250,10 +283,7 @@ class SessionManager:
             session.waiting -= 1
         try:
             if session.closed:
-                raise NotFound(
-                    f"Session {session.session_id} was closed while this call waited",
-                    code="session_closed",
-                )
+                raise _closed(session, "waited")
             yield
         finally:
             session.last_used = time.time()
@@ -265,8 +295,13 @@ class SessionManager:
             return self.settings.default_timeout_seconds
         if isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0:
             raise ValidationFailed(
-                [{"loc": ["body", "input", "timeout_seconds"], "msg": "must be a positive number",
-                  "type": "value_error"}]
+                [
+                    {
+                        "loc": ["body", "input", "timeout_seconds"],
+                        "msg": "must be a positive number",
+                        "type": "value_error",
+                    }
+                ]
             )
         return min(float(raw), self.settings.max_timeout_seconds)
 
@@ -277,9 +312,13 @@ class SessionManager:
             return DEFAULT_SESSION
         if not isinstance(raw, str) or not _SESSION_ID_RE.match(raw):
             raise ValidationFailed(
-                [{"loc": ["body", "input", "session_id"],
-                  "msg": "must be 1-128 characters of letters, digits and ._@:+=-",
-                  "type": "value_error"}]
+                [
+                    {
+                        "loc": ["body", "input", "session_id"],
+                        "msg": "must be 1-128 characters of letters, digits and ._@:+=-",
+                        "type": "value_error",
+                    }
+                ]
             )
         return raw
 
@@ -295,24 +334,41 @@ class SessionManager:
             code = input_.get("code")
             if not isinstance(code, str):
                 raise ValidationFailed(
-                    [{"loc": ["body", "input", "code"], "msg": "field required (a string)",
-                      "type": "value_error.missing" if code is None else "type_error.str"}]
+                    [
+                        {
+                            "loc": ["body", "input", "code"],
+                            "msg": "field required (a string)",
+                            "type": "value_error.missing" if code is None else "type_error.str",
+                        }
+                    ]
                 )
+        tier = input_.get("resource_tier")
+        if tier is not None and (isinstance(tier, bool) or tier not in (0, 1, 2)):
+            raise ValidationFailed(
+                [
+                    {
+                        "loc": ["body", "input", "resource_tier"],
+                        "msg": "must be 0, 1 or 2",
+                        "type": "value_error",
+                    }
+                ]
+            )
+        self.invocations += 1
         started = time.perf_counter()
-        session = await self._session_for(agent.package, session_id)
+        session = await self._session_for(agent.package, session_id, tier)
         async with self._turn(session):
             kernel = await self._ensure_kernel(session)
             note, session.restarted_note = session.restarted_note, None
             session.executions += 1
-            if kind == CODE_EXECUTOR:
-                run, outcome = await kernel.execute(
-                    code, timeout=timeout, user_expressions=COLLECT_EXPRESSION
-                )
-            else:
-                cell = handler_cell(agent.export.module, agent.export.function, input_)
-                run, outcome = await kernel.execute(
-                    cell, timeout=timeout, silent=True, user_expressions=COLLECT_EXPRESSION
-                )
+            with _unless_closed(session, "ran"):
+                if kind == CODE_EXECUTOR:
+                    run, outcome = await kernel.execute(
+                        code, timeout=timeout, user_expressions=COLLECT_EXPRESSION
+                    )
+                else:
+                    run, outcome = await self._call_handler(kernel, agent, input_, timeout)
+            if session.closed and outcome != "done":
+                raise _closed(session, "ran")
             exit_ = kernel.exit
             if outcome == "dead":
                 await self._drop_kernel(session, cause="died")
@@ -347,6 +403,31 @@ class SessionManager:
             },
         }
 
+    @staticmethod
+    async def _call_handler(
+        kernel: SessionKernel, agent: Agent, input_: dict[str, Any], timeout: float
+    ) -> tuple[CellRun, str]:
+        """Call the handler (an interruptible cell); await its value in a second cell if it
+        returned an awaitable. Both share the one timeout."""
+        deadline = time.monotonic() + timeout
+        cell = handler_cell(agent.export.module, agent.export.function, input_)
+        first, outcome = await kernel.execute(
+            cell, timeout=timeout, silent=True, user_expressions=HANDLER_EXPRESSIONS
+        )
+        if outcome != "done" or not answers.handler_pending(first):
+            return first, outcome
+        run, outcome = await kernel.execute(
+            AWAIT_HANDLER_CELL,
+            timeout=max(0.001, deadline - time.monotonic()),
+            silent=True,
+            user_expressions=COLLECT_EXPRESSION,
+        )
+        run.stdout = first.stdout + run.stdout
+        run.stderr = first.stderr + run.stderr
+        run.outputs[:0] = first.outputs
+        run.truncated = run.truncated or first.truncated
+        return run, outcome
+
     # ---- session operations (the sessions API) -------------------------
 
     async def delete(self, key: str) -> None:
@@ -356,8 +437,12 @@ class SessionManager:
     async def interrupt(self, key: str) -> None:
         session = self.get(key)
         if session.kernel is None:
-            raise RuntimeAPIError(f"session {key} has no running kernel", status=409,
-                                  kind="Conflict", code="no_kernel")
+            raise RuntimeAPIError(
+                f"session {key} has no running kernel",
+                status=409,
+                kind="Conflict",
+                code="no_kernel",
+            )
         await session.kernel.interrupt()
 
     async def restart(self, key: str) -> None:
@@ -376,9 +461,12 @@ class SessionManager:
         async with self._turn(session):
             if session.kernel is None:
                 return []
-            run, outcome = await session.kernel.execute(
-                "", timeout=10.0, silent=True, user_expressions=VARIABLES_EXPRESSION
-            )
+            with _unless_closed(session, "ran"):
+                run, outcome = await session.kernel.execute(
+                    "", timeout=10.0, silent=True, user_expressions=VARIABLES_EXPRESSION
+                )
+            if session.closed and outcome != "done":
+                raise _closed(session, "ran")
             if outcome == "dead":
                 exit_ = session.kernel.exit
                 await self._drop_kernel(session, cause="died")
@@ -400,6 +488,26 @@ class SessionManager:
                 if not s.busy and s.waiting == 0 and now - s.last_used > idle_limit:
                     log.info("culling idle session %s", s.key)
                     await self._close(s)
+
+
+def _closed(session: Session, while_: str) -> NotFound:
+    return NotFound(
+        f"Session {session.session_id} was closed while this call {while_}",
+        code="session_closed",
+    )
+
+
+@contextlib.contextmanager
+def _unless_closed(session: Session, while_: str):  # type: ignore[no-untyped-def]
+    """Closing a session stops its kernel's channels under a running call: whatever that
+    call then raises (a cancelled socket poll, a closed socket) becomes session_closed."""
+    try:
+        yield
+    except BaseException:
+        task = asyncio.current_task()
+        if session.closed and not (task is not None and task.cancelling()):
+            raise _closed(session, while_) from None
+        raise
 
 
 def _make_session_dir(path: Path) -> None:
