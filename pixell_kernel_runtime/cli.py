@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
 from pathlib import Path
+from urllib.error import HTTPError, URLError
+from urllib.parse import quote
+from urllib.request import Request, urlopen
 
 from pixell_kernel_runtime import __version__
 from pixell_kernel_runtime.config import apply_overrides, from_env
@@ -21,6 +26,20 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the HTTP server (the default command)")
     _serve_args(serve)
+
+    console = sub.add_parser(
+        "console",
+        help="attach a Jupyter console to a session's kernel (on the server's host)",
+        description="Attach `jupyter console` to the kernel of a session (its id is"
+        " <package_id>:<session_id>, as GET /runtime/sessions lists it). Arguments after"
+        " `--` go to jupyter console.",
+    )
+    console.add_argument("session", help="session id, e.g. pixell-python-agent@0.1.0:default")
+    console.add_argument(
+        "--url",
+        default=os.environ.get("PIXELL_RUNTIME_URL", "http://127.0.0.1:8000"),
+        help="the runtime's base URL (env PIXELL_RUNTIME_URL)",
+    )
 
     build = sub.add_parser("build", help="build APKG archives from agent source folders")
     build.add_argument("sources", nargs="+", type=Path, help="folders holding agent.yaml")
@@ -75,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     # `pixell-kernel-runtime --port 9000` means serve, as `python -m ...` does.
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "serve")
+    # Everything after `--` belongs to jupyter console (see the console command).
+    passthrough: list[str] = []
+    if argv and argv[0] == "console" and "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+
+    if args.command == "console":
+        return _console(args.url, args.session, passthrough)
 
     if args.command == "build":
         from pixell_kernel_runtime.packages import builder
@@ -103,3 +130,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _console(url: str, session: str, extra: list[str]) -> int:
+    """Look the session's connection file up over REST, then become `jupyter console`."""
+    base = url.rstrip("/") + "/runtime/sessions/" + quote(session, safe="")
+
+    def call(method: str, path: str = "") -> dict:
+        with urlopen(Request(base + path, method=method), timeout=120) as resp:
+            return json.loads(resp.read())
+
+    try:
+        info = call("GET")
+        if not info.get("connection_file"):
+            # The session exists but its kernel is not running: start one.
+            call("POST", "/restart")
+            info = call("GET")
+    except HTTPError as exc:
+        body = exc.read().decode("utf-8", "replace")
+        try:
+            body = json.loads(body).get("message", body)
+        except ValueError:
+            pass
+        print(f"error: {body}", file=sys.stderr)
+        return 1
+    except URLError as exc:
+        print(f"error: cannot reach the runtime at {url}: {exc.reason}", file=sys.stderr)
+        return 1
+    argv = [sys.executable, "-m", "jupyter_console", "--existing", info["connection_file"], *extra]
+    os.execv(sys.executable, argv)
+    return 0  # not reached

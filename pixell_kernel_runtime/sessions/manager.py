@@ -107,6 +107,8 @@ class Session:
             "restarts": self.restarts,
             "queued": self.waiting,
             "kernel_pid": pid,
+            # For `pixell-kernel-runtime console` / `jupyter console --existing` on this host.
+            "connection_file": str(self.dir / "connection.json") if self.kernel else None,
             "kernel_rss_bytes": procinfo.tree_rss(pid) if pid else None,
         }
 
