@@ -23,7 +23,7 @@ from pathlib import Path
 from jupyter_client.manager import AsyncKernelManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import start_server  # noqa: E402
+from common import report, start_server  # noqa: E402
 
 AGENT = "/runtime/agents/pixell-python-agent@0.1.0%2Fcode-executor/invoke"
 
@@ -126,10 +126,7 @@ def main() -> int:
         "throughput_8_sessions_per_s": round(tput, 1),
         "throughput_1_session_per_s": round(single, 1),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return 0
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

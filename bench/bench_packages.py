@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import start_server  # noqa: E402
+from common import report, start_server  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -127,10 +127,7 @@ def main() -> int:
         "server_rss_before_mib": round(before / 1024, 1),
         "server_rss_peak_growth_mib": round((peak[0] - before) / 1024, 1),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return 0
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

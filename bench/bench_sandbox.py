@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import start_server  # noqa: E402
+from common import report, start_server  # noqa: E402
 
 AGENT = "/runtime/agents/pixell-python-agent@0.1.0%2Fcode-executor/invoke"
 
@@ -81,10 +81,7 @@ def main() -> int:
         "warm_p50_sandboxed_ms": round(1000 * med["best_effort"]["warm"], 3),
         "warm_ratio": round(med["best_effort"]["warm"] / med["off"]["warm"], 3),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return 0
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

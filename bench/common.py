@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import socket
 import subprocess
@@ -63,3 +64,12 @@ def start_server(
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+def report(result: dict, json_path: Path | None) -> int:
+    """Print the figures, and keep them in ``json_path`` when asked."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        json_path.write_text(text)
+    return 0

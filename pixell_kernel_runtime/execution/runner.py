@@ -172,24 +172,26 @@ async def gather(
 
 async def _next_message(kc: AsyncKernelClient, run: CellRun, timeout: float) -> bool:
     """Handle one pending message (reply first); False when none came within ``timeout``."""
-    if not run.status:
-        try:
-            run.handle_reply(await kc.get_shell_msg(timeout=0))
-            return True
-        except queue.Empty:
-            pass
+    if await _take_reply(kc, run):
+        return True
     try:
         run.handle_iopub(await kc.get_iopub_msg(timeout=timeout))
         return True
     except queue.Empty:
         pass
-    if not run.status:
-        try:
-            run.handle_reply(await kc.get_shell_msg(timeout=0))
-            return True
-        except queue.Empty:
-            pass
-    return False
+    # The reply may have landed while we waited on iopub.
+    return await _take_reply(kc, run)
+
+
+async def _take_reply(kc: AsyncKernelClient, run: CellRun) -> bool:
+    """Handle the shell reply if it is already there (never waits)."""
+    if run.status:
+        return False
+    try:
+        run.handle_reply(await kc.get_shell_msg(timeout=0))
+        return True
+    except queue.Empty:
+        return False
 
 
 async def drain(kc: AsyncKernelClient) -> None:

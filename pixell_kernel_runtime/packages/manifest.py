@@ -361,67 +361,49 @@ def _parse_exports(
             )
         return entry_target
 
+    # metadata.sub_agents (kit) wins over a top-level exports list (hand-made packages); both
+    # are lists of mappings with the same fields but for where the handler is named.
     if sub_agents is not None:
-        if not isinstance(sub_agents, list):
+        declared, list_field, target_key = sub_agents, "metadata.sub_agents", "endpoint"
+    elif exports_raw is not None:
+        declared, list_field, target_key = exports_raw, "exports", "handler"
+    else:
+        declared = None
+    if declared is not None:
+        if not isinstance(declared, list):
             raise PackageError(
-                "agent.yaml field metadata.sub_agents must be a list", code="invalid_manifest"
+                f"agent.yaml field {list_field} must be a list", code="invalid_manifest"
             )
-        for i, sub in enumerate(sub_agents):
-            where = f"metadata.sub_agents[{i}]"
-            if not isinstance(sub, dict):
+        for i, item in enumerate(declared):
+            where = f"{list_field}[{i}]"
+            if not isinstance(item, dict):
                 raise PackageError(
                     f"agent.yaml field {where} must be a mapping", code="invalid_manifest"
                 )
-            sub_name = _str_field(sub, "name", where=where + ".")
-            if not sub_name or not _EXPORT_RE.match(sub_name) or ".." in sub_name:
+            name = _str_field(item, "name", where=where + ".")
+            if not name or not _EXPORT_RE.match(name) or ".." in name:
                 raise PackageError(
-                    f"agent.yaml field {where}.name is missing or invalid: {sub_name!r}",
+                    f"agent.yaml field {where}.name is missing or invalid: {name!r}",
                     code="invalid_manifest",
                 )
-            caps = _str_list(sub.get("capabilities"), field_name=where + ".capabilities")
-            endpoint = _str_field(sub, "endpoint", where=where + ".")
-            public = sub.get("public", True)
+            caps = _str_list(item.get("capabilities"), field_name=where + ".capabilities")
+            public = item.get("public", True)
             if not isinstance(public, bool):
                 raise PackageError(
                     f"agent.yaml field {where}.public must be true or false",
                     code="invalid_manifest",
                 )
-            description = _str_field(sub, "description", where=where + ".") or ""
+            description = _str_field(item, "description", where=where + ".") or ""
+            named = _str_field(item, target_key, where=where + ".")
+            endpoint = named if target_key == "endpoint" else None
             if code_package or "python-execution" in caps:
-                add(Export(sub_name, description, CODE_EXECUTOR, public, caps, endpoint=endpoint))
+                add(Export(name, description, CODE_EXECUTOR, public, caps, endpoint=endpoint))
                 continue
-            # An endpoint that is a URL path names a route of the agent's own
+            # A sub-agent endpoint that is a URL path names a route of the agent's own
             # server; inside a kernel the package entrypoint serves it.
-            target = endpoint if endpoint and ":" in endpoint else None
-            module, function = handler_target(target, where + ".endpoint")
-            add(Export(sub_name, description, HANDLER, public, caps, module, function, endpoint))
-        return out
-
-    if exports_raw is not None:
-        if not isinstance(exports_raw, list):
-            raise PackageError("agent.yaml field exports must be a list", code="invalid_manifest")
-        for i, exp in enumerate(exports_raw):
-            where = f"exports[{i}]"
-            if not isinstance(exp, dict):
-                raise PackageError(
-                    f"agent.yaml field {where} must be a mapping", code="invalid_manifest"
-                )
-            exp_name = _str_field(exp, "name", where=where + ".")
-            if not exp_name or not _EXPORT_RE.match(exp_name) or ".." in exp_name:
-                raise PackageError(
-                    f"agent.yaml field {where}.name is missing or invalid: {exp_name!r}",
-                    code="invalid_manifest",
-                )
-            caps = _str_list(exp.get("capabilities"), field_name=where + ".capabilities")
-            description = _str_field(exp, "description", where=where + ".") or ""
-            public = exp.get("public", True) is not False
-            if code_package or "python-execution" in caps:
-                add(Export(exp_name, description, CODE_EXECUTOR, public, caps))
-                continue
-            module, function = handler_target(
-                _str_field(exp, "handler", where=where + "."), where + ".handler"
-            )
-            add(Export(exp_name, description, HANDLER, public, caps, module, function))
+            target = named if target_key == "handler" or (named and ":" in named) else None
+            module, function = handler_target(target, f"{where}.{target_key}")
+            add(Export(name, description, HANDLER, public, caps, module, function, endpoint))
         return out
 
     description = _str_field(doc, "description") or ""
