@@ -196,7 +196,17 @@ def install():
                 callbacks.remove(cb)  # left over by an older copy of this module
         if not any(_is_hook(cb, hook) for cb in callbacks):
             shell.events.register(event, hook)
+    # exit()/quit() would end the kernel on some IPython versions and not on others; a session
+    # ends through the runtime's API, so make them the same everywhere: a no-op with a note.
+    shell.ask_exit = _ignore_exit
     return shell
+
+
+def _ignore_exit():
+    sys.stderr.write(
+        "exit() does not end a runtime session: its state is kept."
+        " DELETE /runtime/sessions/{id} ends it.\n"
+    )
 
 
 def _transform(raw):
