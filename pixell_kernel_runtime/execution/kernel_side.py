@@ -189,7 +189,11 @@ def install():
     shell = _shell()
     if shell is None:
         return None
-    for event, hook in (("pre_run_cell", _pre_run_cell), ("post_run_cell", _post_run_cell)):
+    for event, hook in (
+        ("pre_run_cell", _pre_run_cell),
+        ("post_run_cell", _post_run_cell),
+        ("pre_execute", _reset_output_budget),
+    ):
         callbacks = shell.events.callbacks[event]
         for cb in list(callbacks):
             if _hook_tag(cb) == event and not _is_hook(cb, hook):
@@ -199,7 +203,48 @@ def install():
     # exit()/quit() would end the kernel on some IPython versions and not on others; a session
     # ends through the runtime's API, so make them the same everywhere: a no-op with a note.
     shell.ask_exit = _ignore_exit
+    for name in ("stdout", "stderr"):
+        _cap_stream(getattr(sys, name, None), name)
     return shell
+
+
+# What one execution may print per stream; the server keeps 1 MiB of it in the answer. Capping
+# here, at the source, keeps a program that prints a huge table from flooding the server with
+# messages it would throw away (the server bounds its receive queues too, for hostile code).
+OUTPUT_BUDGET_CHARS = 1024 * 1024 - 4096  # its marker fits in what the server keeps
+_output_used = {"stdout": 0, "stderr": 0}
+
+
+def _reset_output_budget(*_args):
+    _output_used["stdout"] = 0
+    _output_used["stderr"] = 0
+
+
+def _cap_stream(stream, name):
+    if stream is None or getattr(getattr(stream, "write", None), "_pixell_capped", False):
+        return
+    original = stream.write
+
+    def write(text):
+        try:
+            used = _output_used[name]
+            room = OUTPUT_BUDGET_CHARS - used
+            _output_used[name] = used + len(text)
+            if room <= 0:
+                return len(text)
+            if len(text) > room:
+                original(text[:room])
+                original("\n[output truncated by the runtime]\n")
+                return len(text)
+        except Exception:
+            pass
+        return original(text)
+
+    write._pixell_capped = True
+    try:
+        stream.write = write
+    except Exception:
+        pass
 
 
 def _ignore_exit():

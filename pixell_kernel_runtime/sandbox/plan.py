@@ -221,7 +221,10 @@ def document(
             tops = [t for t in tops if t != "/etc"] + world_readable_parts("/etc")
         landlock = {
             "read_only": minimal_roots(tops + needed + ro),
-            "read_write": [kernel_dir, "/dev/shm"],
+            # Not /dev/shm: without a mount namespace it is the HOST's, shared by every session
+            # (all uid 0 when there is no uid drop: free to overwrite or delete each other's
+            # and root's shared memory) and it outlives the session (RAM never given back).
+            "read_write": [kernel_dir],
             "devices": list(LANDLOCK_DEVICES),
         }
     doc = {

@@ -14,9 +14,12 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import zmq
+import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
@@ -44,6 +47,23 @@ _RESERVED_ENV = {
     "TMPDIR",
 }
 _RESERVED_PREFIXES = ("PIXELL_", "JPY_", "JUPYTER_", "IPYTHON")
+
+
+# What one kernel can make the server hold: libzmq queues whole messages on the receiving
+# side, by default 1000 of any size, so a cell printing 10 MB chunks in a loop grew the server
+# by gigabytes. Ordinary programs are capped in the kernel (kernel_side's output budget); code
+# that bypasses that meets these: past MAXMSGSIZE a connection is dropped (the message is
+# lost, not buffered), past RCVHWM the kernel's side drops. At worst 16 x 16 MiB per socket.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+RECEIVE_QUEUE_MESSAGES = 16
+
+
+@cache
+def _bounded_context() -> zmq.asyncio.Context:
+    ctx = zmq.asyncio.Context()
+    ctx.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    ctx.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_MESSAGES)
+    return ctx
 
 
 class KernelStartError(Exception):
@@ -162,7 +182,7 @@ class SessionKernel:
             raise KernelStartError(f"kernel failed to start: {exc}{detail}") from exc
 
     async def _connect(self) -> None:
-        self.kc = self.km.client()
+        self.kc = self.km.client(context=_bounded_context())
         self.kc.start_channels()
         try:
             await self.kc.wait_for_ready(timeout=START_TIMEOUT)

@@ -1,0 +1,85 @@
+"""A kernel that floods its output cannot grow the server's memory without bound.
+
+Before the receive side was capped, three sessions printing 10 MB chunks in a loop grew the
+server from 44 MB to 3.9 GB (libzmq queued up to 1000 whole messages per socket).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+AGENT = "pixell-python-agent@0.1.0/code-executor"
+# Hostile: the class's write, past the kernel-side output budget on the instance.
+FLOOD = (
+    "import sys\ns = 'x' * 10**7\nw = type(sys.stdout).write\n"
+    "for i in range(120):\n    w(sys.stdout, s)\n    sys.stdout.flush()\n"
+    "result = 1"
+)
+# Ordinary: a program that prints far more than an answer keeps.
+PRINTS = "s = 'y' * 10**7\nfor i in range(50):\n    print(s)\nprint('end')\nresult = 5"
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_output_flood_keeps_server_memory_bounded(server_factory) -> None:
+    srv = server_factory(["--examples"])
+    pid = srv.proc.pid
+    for i in range(2):  # kernels up first: their start is not what is measured
+        assert srv.client.invoke(AGENT, {"code": "1", "session_id": f"flood{i}"}).status == 200
+    before = _rss_mib(pid)
+    peak = [before]
+    answers: list = [None, None]
+    done = threading.Event()
+
+    def flood(i: int) -> None:
+        answers[i] = srv.client.invoke(
+            AGENT, {"code": FLOOD, "session_id": f"flood{i}", "timeout_seconds": 15}
+        )
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    workers = [threading.Thread(target=flood, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(180)
+    done.set()
+    sampler.join()
+
+    assert peak[0] - before < 400, f"server RSS grew by {peak[0] - before:.0f} MiB"
+    for answer in answers:
+        assert answer is not None and answer.status == 200, answer
+        out = answer.json()["output"]
+        assert len(out["stdout"]) <= 1024 * 1024 + 64  # answers are cut at 1 MiB
+    # Both sessions still work.
+    for i in range(2):
+        again = srv.client.invoke(AGENT, {"code": "result = 6 * 7", "session_id": f"flood{i}"})
+        assert again.json()["output"]["result"] == 42, again
+    assert srv.client.get("/runtime/health").status == 200
+
+
+def test_printing_past_the_budget_is_cut_at_the_source(server_factory) -> None:
+    srv = server_factory(["--examples"])
+    started = time.monotonic()
+    answer = srv.client.invoke(AGENT, {"code": PRINTS, "session_id": "prints"})
+    elapsed = time.monotonic() - started
+    out = answer.json()["output"]
+    assert out["status"] == "success" and out["result"] == 5, out
+    assert "[output truncated by the runtime]" in out["stdout"]
+    assert len(out["stdout"]) <= 1024 * 1024 + 64
+    assert elapsed < 20, f"500 MB of prints took {elapsed:.1f}s: not cut at the source"
+    # The budget is per call: the next call prints normally.
+    again = srv.client.invoke(AGENT, {"code": "print('hello')", "session_id": "prints"})
+    assert again.json()["output"]["stdout"] == "hello\n"
