@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import EXAMPLES, Client, Response, Server, make_apkg, manifest_yaml
+from conftest import EXAMPLES, Client, Response, Server, make_apkg, manifest_yaml, wait_for
 
 from pixell_kernel_runtime.packages.builder import build_all
 
@@ -85,16 +85,6 @@ def sessions(client: Client) -> dict[str, dict[str, Any]]:
     resp = client.get("/runtime/sessions")
     assert resp.status == 200, resp
     return {s["id"]: s for s in resp.json()["sessions"]}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def pid_alive(pid: int) -> bool:

@@ -203,8 +203,7 @@ def install():
     # exit()/quit() would end the kernel on some IPython versions and not on others; a session
     # ends through the runtime's API, so make them the same everywhere: a no-op with a note.
     shell.ask_exit = _ignore_exit
-    for name in ("stdout", "stderr"):
-        _cap_stream(getattr(sys, name, None), name)
+    _reset_output_budget()
     return shell
 
 
@@ -216,8 +215,11 @@ _output_used = {"stdout": 0, "stderr": 0}
 
 
 def _reset_output_budget(*_args):
-    _output_used["stdout"] = 0
-    _output_used["stderr"] = 0
+    """Before every execution: a fresh budget, on whatever streams are current (IPython 9
+    swaps sys.stdout during a silent cell, so capping once at install is not enough)."""
+    for name in ("stdout", "stderr"):
+        _output_used[name] = 0
+        _cap_stream(getattr(sys, name, None), name)
 
 
 def _cap_stream(stream, name):

@@ -47,7 +47,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import Client, Server, make_apkg, manifest_yaml
+from conftest import Client, Server, make_apkg, manifest_yaml, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PKG = "pixell-python-agent@0.1.0"
@@ -75,16 +75,6 @@ SANDBOX_WARNING = "WARNING pixell_kernel_runtime.sandbox:"
 
 
 # --------------------------------------------------------------------------- host-side helpers
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(step)
 
 
 def _stat_fields(pid: int) -> list[str]:
