@@ -14,7 +14,7 @@ run: system-deps
 	$(PYTHON) -m pip install -e . && $(PYTHON) -m pixell_kernel_runtime serve --examples
 
 test: system-deps
-	$(PYTHON) -m pip install -e '.[test]' && $(PYTHON) -m pytest
+	$(PYTHON) -m pip install -e '.[test]' && $(PYTHON) -m ruff check . && $(PYTHON) -m pytest
 
 lint:
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
