@@ -33,8 +33,6 @@ from pixell_kernel_runtime.sandbox import seccomp as sbseccomp
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = REPO / "kernels"
-LINUX = sys.platform.startswith("linux")
-pytestmark = pytest.mark.skipif(not LINUX, reason="the sandbox is Linux-only")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -557,8 +555,8 @@ def test_degraded_without_namespaces_uses_landlock(
     rep = sb.report()
     assert rep["isolation"] == "none"
     assert not rep["layers"]["bwrap"]["enabled"] and not rep["layers"]["unshare"]["enabled"]
-    if not rep["layers"]["landlock"]["enabled"]:
-        pytest.skip(f"Landlock unavailable: {rep['layers']['landlock']['reason']}")
+    # The machines this runs on have Landlock (ABI 7); without it this fallback is untested.
+    assert rep["layers"]["landlock"]["enabled"], rep["layers"]["landlock"]["reason"]
 
     async def go() -> None:
         async with kernel(sb, run_dir, package_root=package_root) as k:
