@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -187,6 +188,18 @@ class Server:
             raise AssertionError(f"server ignored signal {sig}:\n{self.logs()}") from None
         finally:
             self.log.close()
+
+
+@contextlib.contextmanager
+def serving(state_dir: Path, apkgs: list[Path]) -> Iterator[Server]:
+    """A server with ``apkgs`` loaded by path, stopped on exit (for module-scoped fixtures)."""
+    server = Server(state_dir).start()
+    try:
+        for apkg in apkgs:
+            assert server.client.load(apkg).status == 200
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

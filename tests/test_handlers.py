@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import EXAMPLES, Client, Response, Server, make_apkg, manifest_yaml
+from conftest import EXAMPLES, Client, Response, Server, make_apkg, manifest_yaml, serving
 
 from pixell_kernel_runtime.packages.builder import build_all
 
@@ -139,13 +139,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "main.py": QUIRKY_MAIN,
         },
     )
-    server = Server(base / "state").start()
-    try:
-        for apkg in [*build_all(EXAMPLES, base / "apkgs"), quirky]:
-            assert server.client.load(apkg).status == 200
+    with serving(base / "state", [*build_all(EXAMPLES, base / "apkgs"), quirky]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import EXAMPLES, Client, Response, Server, make_apkg, manifest_yaml, wait_for
+from conftest import EXAMPLES, Client, Response, Server, make_apkg, manifest_yaml, serving, wait_for
 
 from pixell_kernel_runtime.packages.builder import build_all
 
@@ -139,14 +139,8 @@ def delete_sessions(client: Client, keys: list[str]) -> None:
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server with both example packages loaded, shared by the tests of this module."""
     base = tmp_path_factory.mktemp("sessions")
-    apkgs = build_all(EXAMPLES, base / "apkgs")
-    server = Server(base / "state").start()
-    try:
-        for apkg in apkgs:
-            assert server.client.load(apkg).status == 200
+    with serving(base / "state", build_all(EXAMPLES, base / "apkgs")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
