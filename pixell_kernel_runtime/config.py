@@ -63,6 +63,8 @@ class Settings:
     # fallback, or tests showing that the fallbacks hold); unset means look them up on PATH.
     sandbox_bwrap: str | None = None
     sandbox_unshare: str | None = None
+    # Subordinate-id files the sandbox uid range must not overlap (colon-separated paths).
+    sandbox_subid_files: str = "/etc/subuid:/etc/subgid"
 
     @property
     def store_dir(self) -> Path:
@@ -113,6 +115,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "SANDBOX_CONFIG": ("sandbox_config", Path),
     "SANDBOX_BWRAP": ("sandbox_bwrap", str),
     "SANDBOX_UNSHARE": ("sandbox_unshare", str),
+    "SANDBOX_SUBID_FILES": ("sandbox_subid_files", str),
 }
 
 ARCHIVE_ENV_VARS: dict[str, tuple[str, Any]] = {

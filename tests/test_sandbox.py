@@ -11,10 +11,8 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,15 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
 
-from pixell_kernel_runtime.sandbox import Sandbox, SandboxUnavailable
+from pixell_kernel_runtime.sandbox import Sandbox, SandboxUnavailable, plan
 from pixell_kernel_runtime.sandbox import policy as sbpolicy
 from pixell_kernel_runtime.sandbox import seccomp as sbseccomp
+from pixell_kernel_runtime.sandbox.core import SandboxSession
+from pixell_kernel_runtime.sandbox.environment import kernel_environment
+from pixell_kernel_runtime.sandbox.kernelspec import KERNEL_NAME, RuntimeKernelSpecManager
+from pixell_kernel_runtime.sessions.kernel import SessionKernelManager
 
 REPO = Path(__file__).resolve().parent.parent
-KERNELS = REPO / "kernels"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -75,10 +74,10 @@ def _pids_of_uid(uid: int) -> set[int]:
 
 
 class Kernel:
-    def __init__(self, km: AsyncKernelManager, kc: Any, kernel_dir: Path) -> None:
+    def __init__(self, km: SessionKernelManager, kc: Any, session: SandboxSession) -> None:
         self.km = km
         self.kc = kc
-        self.kernel_dir = kernel_dir
+        self.session = session
 
     async def run(self, code: str, timeout: float = 60) -> dict[str, Any]:
         out: dict[str, Any] = {"stdout": "", "stderr": "", "error": None}
@@ -111,50 +110,47 @@ async def kernel(
     package_name: str = "demo",
     package_id: str = "demo@0.1.0",
     resource_tier: int | None = None,
-    kernel_name: str = "pixell-python",
     extra_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Kernel]:
-    kdir = run_dir / "k" / secrets.token_hex(4)
-    work = kdir / "work"
-    work.mkdir(parents=True)
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **(extra_env or {})}
-    env.update(
-        sandbox.prepare_kernel(
-            kernel_dir=kdir,
-            work_dir=work,
-            package_root=package_root,
-            package_name=package_name,
-            package_id=package_id,
-            resource_tier=resource_tier,
-        )
+    """A kernel started exactly as the runtime starts one: a sandbox session, the built-in spec,
+    the SandboxProvisioner it names."""
+    session = sandbox.open_session(
+        package_root=package_root,
+        package_name=package_name,
+        package_id=package_id,
+        resource_tier=resource_tier,
     )
-    ksm = KernelSpecManager(kernel_dirs=[str(KERNELS)])
-    km = AsyncKernelManager(
-        kernel_name=kernel_name,
-        kernel_spec_manager=ksm,
+    dirs = session.dirs
+    env = kernel_environment(
+        extra_env or {}, package_root=str(package_root), home=dirs.home, tmp=dirs.tmp
+    )
+    km = SessionKernelManager(
+        kernel_name=KERNEL_NAME,
+        kernel_spec_manager=RuntimeKernelSpecManager(),
         transport="ipc",
-        ip=str(kdir / "ipc"),
-        connection_file=str(kdir / "connection.json"),
+        ip=dirs.ipc_prefix,
+        connection_file=dirs.connection_file,
     )
+    km.sandbox, km.sandbox_session = sandbox, session
     kc = None
     try:
-        await km.start_kernel(env=env, cwd=str(work))
+        await km.start_kernel(env=env)
         kc = km.client()
         kc.start_channels()
         await kc.wait_for_ready(timeout=60)
-        yield Kernel(km, kc, kdir)
+        yield Kernel(km, kc, session)
     finally:
         if kc is not None:
             kc.stop_channels()
         with contextlib.suppress(Exception):
             await km.shutdown_kernel(now=True)
-        sandbox.release_kernel(kdir)
-        sandbox.release_kernel(kdir)  # safe twice
+        sandbox.close_session(session)
+        sandbox.close_session(session)  # safe twice
         deadline = time.monotonic() + 5
-        while _ipykernel_pids(str(kdir)) and time.monotonic() < deadline:
+        while _ipykernel_pids(dirs.server) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert not _ipykernel_pids(str(kdir)), "kernel processes left behind"
-        shutil.rmtree(kdir, ignore_errors=True)
+        assert not _ipykernel_pids(dirs.server), "kernel processes left behind"
+        assert not os.path.exists(dirs.tree) and not os.path.exists(dirs.server)
 
 
 def _started(mode: str = "best_effort", **kw: Any) -> Sandbox:
@@ -167,6 +163,7 @@ def _started(mode: str = "best_effort", **kw: Any) -> Sandbox:
 def run_dir() -> Iterator[Path]:
     # Short: ipc socket paths must stay under ~100 bytes.
     d = Path(tempfile.mkdtemp(prefix="pkrt-", dir="/tmp"))
+    os.chmod(d, 0o711)  # kernel uids pass through it to their own sockets (Landlock mode)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -280,36 +277,38 @@ def test_seccomp_filter_assembles_for_both_arches() -> None:
 
 
 def test_launcher_without_policy_just_execs() -> None:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "pixell_kernel_runtime.sandbox.launcher", "--"]
-    cmd += ["python", "-c", "import sys; print(sys.executable)"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    cmd = plan.launcher_argv() + ["--", "python", "-c", "import sys; print(sys.executable)"]
+    out = subprocess.run(cmd, env=env, cwd="/", capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == sys.executable
 
 
-def test_launcher_refuses_a_tampered_policy(sandbox: Sandbox, run_dir: Path) -> None:
-    kdir = run_dir / "k" / "tamper00"
-    (kdir / "work").mkdir(parents=True)
-    env = sandbox.prepare_kernel(
-        kernel_dir=kdir,
-        work_dir=kdir / "work",
-        package_root=REPO,
-        package_name="demo",
-        package_id="demo@1",
+def test_launcher_refuses_a_tampered_policy(sandbox: Sandbox, package_root: Path) -> None:
+    session = sandbox.open_session(
+        package_root=package_root, package_name="demo", package_id="demo@1"
     )
     try:
-        policy = json.loads((kdir / "sandbox.json").read_text())
+        prefix, env, cwd = sandbox.prepare_launch(session, {"PATH": "/usr/bin:/bin"})
+        # The launcher's whole environment is the fixed minimum: nothing of the kernel's.
+        assert sorted(env) == [
+            "LANG",
+            "PATH",
+            "PIXELL_SANDBOX_POLICY",
+            "PIXELL_SANDBOX_POLICY_SHA256",
+        ]
+        assert cwd == "/" and prefix[:3] == [sys.executable, "-I", plan.LAUNCHER]
+        path = session.dirs.policy_file
+        policy = json.loads(Path(path).read_text())
+        assert os.stat(path).st_uid == 0 and os.stat(path).st_mode & 0o077 == 0
         policy["seccomp"] = False
-        (kdir / "sandbox.json").write_text(json.dumps(policy))
-        cmd = [sys.executable, "-m", "pixell_kernel_runtime.sandbox.launcher", "--"]
-        cmd += ["python", "-c", "print('escaped')"]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
+        Path(path).write_text(json.dumps(policy))
+        cmd = prefix + ["python", "-c", "print('escaped')"]
+        out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=30)
         assert out.returncode == 70 and "escaped" not in out.stdout
         assert "digest" in out.stderr
     finally:
-        sandbox.release_kernel(kdir)
-        shutil.rmtree(kdir, ignore_errors=True)
+        sandbox.close_session(session)
 
 
 # --------------------------------------------------------------------------- real kernels
@@ -333,7 +332,7 @@ def test_sandboxed_kernel_is_confined(
 
     async def go() -> None:
         async with kernel(sandbox, run_dir, package_root=package_root) as k:
-            kdir = str(k.kernel_dir)
+            work = k.session.dirs.work
             res = await k.run("print(6 * 7)")
             assert res["status"] == "ok" and res["stdout"].strip() == "42"
             facts = await k.value(
@@ -343,7 +342,7 @@ def test_sandboxed_kernel_is_confined(
                 "print(json.dumps({'uid': os.getuid(), 'cwd': os.getcwd(), 'seccomp': seccomp,"
                 " 'env': sorted(os.environ)}))"
             )
-            assert facts["cwd"] == kdir + "/work"
+            assert facts["cwd"] == work
             assert not any(e.startswith("PIXELL_") for e in facts["env"]), facts["env"]
             if rep["uid"]["enabled"]:
                 assert facts["uid"] != 0
@@ -472,8 +471,7 @@ def test_interrupt(sandbox: Sandbox, run_dir: Path, package_root: Path) -> None:
 def test_release_kills_setsid_escapees(sandbox: Sandbox, run_dir: Path, package_root: Path) -> None:
     async def go() -> None:
         async with kernel(sandbox, run_dir, package_root=package_root) as k:
-            info = sandbox.kernel_info(k.kernel_dir)
-            assert info is not None
+            info = sandbox.kernel_info(k.session)
             res = await k.run(
                 "import subprocess\n"
                 "p = subprocess.Popen(['sleep', '1000'], start_new_session=True,"
@@ -485,7 +483,7 @@ def test_release_kills_setsid_escapees(sandbox: Sandbox, run_dir: Path, package_
             if uid is not None:
                 before = _pids_of_uid(uid)
                 assert len(before) >= 2  # the kernel and its escapee
-            sandbox.release_kernel(k.kernel_dir)  # before shutdown: it must not wait for it
+            sandbox.end_launch(k.session)  # before shutdown: it must not wait for it
             if uid is not None:
                 assert not _pids_of_uid(uid)
             for d in info["cgroups"]:
@@ -593,32 +591,35 @@ def test_strict_refuses_what_it_cannot_guarantee(run_dir: Path) -> None:
         asyncio.run(Sandbox("strict", None, run_dir).start())
 
 
-def test_start_cost_sandboxed_vs_plain(sandbox: Sandbox, run_dir: Path, package_root: Path) -> None:
-    """Start + first execute, median of 3: plain ipykernel, the launcher in off mode, sandboxed.
-    Printed only (the machine's load decides the numbers)."""
-    plain_sb = _started("off", run_dir=run_dir)
-    native = KernelSpecManager().find_kernel_specs()
+def _spec_dir(tmp_path: Path, metadata: dict[str, Any]) -> Path:
+    spec = tmp_path / "kernels" / "pixell-python"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    doc = {"argv": argv, "display_name": "x", "language": "python", "metadata": metadata}
+    (spec / "kernel.json").write_text(json.dumps(doc))
+    return tmp_path / "kernels"
 
-    async def once(sb: Sandbox, kernel_name: str) -> float:
-        t0 = time.monotonic()
-        async with kernel(sb, run_dir, package_root=package_root, kernel_name=kernel_name) as k:
-            res = await k.run("x = 1")
-            assert res["status"] == "ok"
-            return time.monotonic() - t0
 
-    async def go() -> dict[str, float]:
-        times: dict[str, list[float]] = {"plain": [], "off": [], "sandboxed": []}
-        for _ in range(3):
-            if "python3" in native:
-                times["plain"].append(await once(plain_sb, "python3"))
-            times["off"].append(await once(plain_sb, "pixell-python"))
-            times["sandboxed"].append(await once(sandbox, "pixell-python"))
-        return {k: statistics.median(v) for k, v in times.items() if v}
+def test_a_kernel_spec_that_bypasses_the_sandbox_is_refused(tmp_path: Path) -> None:
+    """KERNELS_DIR may replace the built-in spec, never the provisioner that confines it."""
+    from conftest import Server
 
-    med = asyncio.run(go())
-    base = med.get("plain", med["off"])
-    print(
-        "\nstart+first execute (median of 3): "
-        + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items())
-        + f"; sandboxed/plain = {med['sandboxed'] / base:.2f}x"
-    )
+    kernels = _spec_dir(tmp_path, {})
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "KERNELS_DIR": str(kernels)}
+    with pytest.raises(RuntimeError, match="does not launch through the sandbox"):
+        Server(tmp_path / "state", env=env, inherit_env=False).start()
+
+
+def test_an_operator_kernel_spec_naming_the_provisioner_is_used(tmp_path: Path) -> None:
+    from conftest import Server
+
+    meta = {"kernel_provisioner": {"provisioner_name": "pixell-sandbox"}}
+    kernels = _spec_dir(tmp_path, meta)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "KERNELS_DIR": str(kernels)}
+    server = Server(tmp_path / "state", env=env, inherit_env=False).start()
+    try:
+        spec = server.client.get("/runtime/sandbox").json()["kernel_spec"]
+        assert spec["source"] == str(kernels / "pixell-python")
+        assert spec["provisioner"] == "pixell-sandbox"
+    finally:
+        server.stop()

@@ -50,14 +50,25 @@ def set_pdeathsig(sig: int) -> None:
         raise _err("prctl(PR_SET_PDEATHSIG)")
 
 
-def drop_capabilities() -> None:
-    """Drop every capability of the calling process, for good."""
+def _last_cap() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as fh:
-            last = int(fh.read().strip())
+            return int(fh.read().strip())
     except (OSError, ValueError):
-        last = 63
-    for cap in range(last + 1):
+        return 63
+
+
+def drop_bounding_set() -> None:
+    """Empty the capability bounding set (needs CAP_SETPCAP): nothing exec'd later, setuid
+    binaries or file capabilities included, can ever gain a capability back."""
+    for cap in range(_last_cap() + 1):
+        if _prctl(PR_CAPBSET_DROP, cap) != 0:
+            raise _err(f"prctl(PR_CAPBSET_DROP, {cap})")
+
+
+def drop_capabilities() -> None:
+    """Drop every capability of the calling process, for good."""
+    for cap in range(_last_cap() + 1):
         _prctl(PR_CAPBSET_DROP, cap)  # needs CAP_SETPCAP; harmless without
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     header = ctypes.create_string_buffer(struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0))
@@ -290,14 +301,14 @@ def build_mount_view(
     masked: list[str],
     ro_binds: list[str],
     rw_binds: list[str],
-    shm: bool = True,
+    shm_bytes: int | None = None,
 ) -> None:
     """Inside a fresh (private) mount namespace, with CAP_SYS_ADMIN over it.
 
     / becomes read-only (recursively), each of ``masked`` gets an empty tmpfs, ``ro_binds`` are
     re-bound read-only at their own path (reached through file descriptors opened before the
     masking, so they need no search permission on their parents afterwards), ``rw_binds``
-    writable, /dev/shm a private writable tmpfs.
+    writable, /dev/shm a private writable tmpfs of at most ``shm_bytes``.
     """
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     fds: list[tuple[str, int, bool]] = []
@@ -311,8 +322,9 @@ def build_mount_view(
         for path in masked:
             if os.path.isdir(path) and not os.path.islink(path):
                 _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-        if shm and os.path.isdir("/dev/shm"):
-            _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        if os.path.isdir("/dev/shm"):
+            size = f",size={int(shm_bytes)}" if shm_bytes else ""
+            _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size)
         # Parents before children so that a nested bind lands on top.
         for path, fd, writable in sorted(fds, key=lambda item: item[0].count("/")):
             is_dir = os.path.isdir(f"/proc/self/fd/{fd}")

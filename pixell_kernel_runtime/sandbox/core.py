@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import signal
 import tempfile
 import threading
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, plan, policy, probe
-from .launcher import POLICY_ENV, POLICY_SHA_ENV, PYTHONPATH_ENV
+from . import cgroups, layout, plan, policy, probe, report
+from .launcher import POLICY_ENV, POLICY_SHA_ENV
 
 log = logging.getLogger("pixell_kernel_runtime.sandbox")
 
@@ -29,20 +30,6 @@ AUTO = probe.AUTO
 
 class SandboxUnavailable(RuntimeError):
     """strict mode and the host cannot give what strict requires."""
-
-
-@dataclass
-class _Kernel:
-    key: str
-    kernel_dir: str
-    uid: int | None
-    cgroups: cgroups.KernelCgroups | None
-    resolved: policy.Resolved
-
-
-def _key(kernel_dir: Path | str) -> str:
-    path = os.path.abspath(os.fspath(kernel_dir))
-    return hashlib.sha256(path.encode()).hexdigest()[:12]
 
 
 class Sandbox:
@@ -64,6 +51,7 @@ class Sandbox:
         unshare_path: Any = AUTO,
         path_env: str | None = None,
         hidden_dirs: tuple[Path | str, ...] | list[Path | str] = (),
+        subid_files: tuple[str, ...] = policy.SUBID_FILES,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"sandbox mode must be one of {MODES}, got {mode!r}")
@@ -77,7 +65,12 @@ class Sandbox:
         # The last uid of the range is the probe's; sessions get the others.
         self._uids = policy.UidPool(self.config.uid_start, max(1, self.config.uid_count - 1))
         self._probe_uid = self.config.uid_start + self.config.uid_count - 1
-        self._kernels: dict[str, _Kernel] = {}
+        self._subid_files = subid_files
+        # What the session manager launches with (set by it): the kernel spec's source.
+        self.kernel_spec: dict[str, Any] | None = None
+        self._sessions: dict[str, SandboxSession] = {}
+        self._quota_ok = False
+        self._quota_reason: str | None = "not probed"
         self._lock = threading.Lock()
         self._probe: dict | None = None
         self._plan: plan.Plan | None = None
@@ -91,6 +84,12 @@ class Sandbox:
     async def start(self) -> None:
         if self._started:
             return
+        await asyncio.to_thread(layout.prepare_run_dir, str(self.run_dir))
+        stale = await asyncio.to_thread(layout.sweep, str(self.run_dir))
+        if stale:
+            log.info(
+                "sandbox: detached %d session mounts a dead server left in %s", stale, self.run_dir
+            )
         if self.mode == "off":
             log.warning(
                 "SANDBOX OFF (explicit): session kernels run UNCONFINED as uid %d with the "
@@ -113,15 +112,26 @@ class Sandbox:
             if removed:
                 log.info("sandbox: removed %d stale kernel cgroups of dead servers", len(removed))
         self._plan = plan.decide(self._probe, self.mode)
-        self._missing = self._what_is_missing()
         p = self._plan
+        if p.separated:
+            # A range that overlaps subordinate ids would hand another user's container uids
+            # to kernels, and the kill-by-uid sweep would kill that user's processes.
+            policy.check_uid_range(self.config.uid_start, self.config.uid_count, self._subid_files)
+        await asyncio.to_thread(self._probe_quota)
+        self._missing = report.what_is_missing(self)
+        # Without namespaces only a uid of its own keeps one kernel from another's sockets,
+        # connection file and process memory.
         separated = p.uid or (not p.root and p.uses_namespaces)
-        if self.mode == "strict" and (p.network_isolation is None or not separated):
+        bounded = bool(set(self._probe.get("cgroups", {}).get("limits", [])) & {"memory", "pids"})
+        bounded = bounded or p.uid
+        if self.mode == "strict" and (p.network_isolation is None or not separated or not bounded):
             lacks = []
             if p.network_isolation is None:
                 lacks.append("network isolation (no network namespace, no Landlock TCP rules)")
             if not separated:
-                lacks.append("uid or user-namespace separation")
+                lacks.append("a uid of its own for each kernel")
+            if not bounded:
+                lacks.append("a bound on pids or memory (no cgroup limits, no dedicated uid)")
             raise SandboxUnavailable(
                 "sandbox mode strict: this host cannot provide "
                 + " and ".join(lacks)
@@ -147,254 +157,115 @@ class Sandbox:
             )
         self._started = True
 
-    def _what_is_missing(self) -> list[tuple[str, str]]:
-        assert self._probe is not None and self._plan is not None
-        pr, p = self._probe, self._plan
-        out: list[tuple[str, str]] = []
-        e2e = pr.get("e2e", {})
-        if not e2e.get("ok"):
-            out.append(
-                (
-                    "end-to-end trial",
-                    f"even the weakest stack failed its trial ({e2e.get('error')}): kernels "
-                    "may fail to start",
-                )
-            )
-        if p.isolation == "unshare":
-            out.append(
-                (
-                    "bwrap",
-                    f"{pr['bwrap'].get('reason')}; using the unshare fallback (same view, "
-                    "mounts done by the launcher)",
-                )
-            )
-        elif p.isolation == "none":
-            what = (
-                f"Landlock ABI {p.landlock_abi} confines files and TCP only"
-                if p.landlock_abi
-                else "nothing confines the filesystem beyond file permissions"
-            )
-            out.append(
-                (
-                    "namespaces (bwrap and unshare)",
-                    f"bwrap: {pr['bwrap'].get('reason')}; unshare: "
-                    f"{pr['unshare'].get('reason')}. Kernels see host processes and paths; " + what,
-                )
-            )
-            if not p.landlock_abi:
-                out.append(("landlock", pr["landlock"].get("reason") or "unavailable"))
-        if p.root and not p.uid:
-            out.append(
-                (
-                    "uid",
-                    f"{pr.get('uid', {}).get('reason')}; kernels run as root without "
-                    "capabilities (root-owned files stay readable)",
-                )
-            )
-        if not p.root and not p.uses_namespaces:
-            out.append(("uid", "kernels run as the server's own uid"))
-        if not p.seccomp:
-            out.append(
-                (
-                    "seccomp",
-                    f"{pr['seccomp'].get('reason')}; ptrace, mount, bpf, keyctl, ... are "
-                    "not filtered",
-                )
-            )
-        cg = pr.get("cgroups", {})
-        if not cg.get("limits"):
-            out.append(
-                (
-                    "cgroup limits",
-                    "no memory/CPU/pids cap beyond per-process rlimits (a fork bomb is "
-                    "bounded only by RLIMIT_NPROC)",
-                )
-            )
-        if not cg.get("ok"):
-            out.append(("cgroup kill", "leftover processes are found by uid, not by cgroup"))
-        if p.network_isolation is None:
-            out.append(("network isolation", "kernels can reach the network"))
-        elif p.network_isolation != "namespace":
-            out.append(
-                (
-                    "network namespace",
-                    "egress blocked by Landlock (TCP) + seccomp (UDP/raw) instead",
-                )
-            )
-        return out
-
-    # ------------------------------------------------------------------ report
-
     def report(self) -> dict[str, Any]:
-        if self.mode == "off" or self._plan is None or self._probe is None:
-            reason = "sandbox mode is off" if self.mode == "off" else "not started"
-            names = ("clean_env", "rlimits", "uid", "bwrap", "unshare", "landlock")
-            names += ("cgroups", "seccomp", "network_isolation")
-            return {
-                "mode": self.mode,
-                "isolation": None,
-                "layers": {n: {"enabled": False, "reason": reason} for n in names},
-            }
-        pr, p = self._probe, self._plan
-        cg = pr.get("cgroups", {})
-        kill = (
-            "cgroup.kill"
-            if cg.get("v2", {}).get("kill")
-            else "freezer+SIGKILL"
-            if "freezer" in cg.get("v1", {})
-            else "SIGKILL by cgroup membership"
-            if cg.get("ok")
-            else "SIGKILL by uid"
-        )
-        uid_reason = None
-        if not p.uid:
-            uid_reason = pr.get("uid", {}).get("reason") or "server is not root"
-        layers: dict[str, dict[str, Any]] = {
-            "clean_env": {
-                "enabled": True,
-                "reason": None,
-                "detail": "the launcher drops its own variables and the server passes env=",
-            },
-            "rlimits": {
-                "enabled": p.rlimits,
-                "reason": None,
-                "limits": ["DATA", "NOFILE", "FSIZE", "CORE", "CPU"] + (["NPROC"] * p.uid),
-            },
-            "uid": {
-                "enabled": p.uid,
-                "reason": uid_reason,
-                "range": [self._uids.start, self._uids.start + self._uids.count],
-                "in_use": len(self._uids.in_use()),
-                "drop": "inside bwrap/unshare (they run as root to bind root-only paths)"
-                if p.uid and p.uses_namespaces
-                else "in the launcher"
-                if p.uid
-                else None,
-            },
-            "bwrap": {
-                "enabled": p.isolation == "bwrap",
-                "available": bool(pr["bwrap"].get("ok")),
-                "path": pr["bwrap"].get("path"),
-                "reason": None if p.isolation == "bwrap" else pr["bwrap"].get("reason"),
-            },
-            "unshare": {
-                "enabled": p.isolation == "unshare",
-                "available": bool(pr["unshare"].get("ok")),
-                "path": pr["unshare"].get("path"),
-                "reason": None
-                if p.isolation == "unshare"
-                else "bwrap preferred"
-                if p.isolation == "bwrap" and pr["unshare"].get("ok")
-                else pr["unshare"].get("reason"),
-            },
-            "landlock": {
-                "enabled": bool(p.landlock_abi),
-                "abi": pr["landlock"].get("abi"),
-                "reason": None
-                if p.landlock_abi
-                else "namespaces in use (Landlock only without them)"
-                if p.uses_namespaces and pr["landlock"].get("ok")
-                else pr["landlock"].get("reason"),
-            },
-            "cgroups": {
-                "enabled": bool(cg.get("ok")) and self._cgroup_failed is None,
-                "reason": self._cgroup_failed or cg.get("reason"),
-                "limits": cg.get("limits", []),
-                "v1": sorted(cg.get("v1", {})),
-                "v2_kill": bool(cg.get("v2", {}).get("kill")),
-                "kill": kill,
-            },
-            "seccomp": {
-                "enabled": p.seccomp,
-                "reason": None if p.seccomp else pr["seccomp"].get("reason"),
-                "rules": pr["seccomp"].get("rules"),
-                "action": "EPERM",
-            },
-            "network_isolation": {
-                "enabled": p.network_isolation is not None,
-                "method": p.network_isolation,
-                "reason": None if p.network_isolation else "no namespace, no Landlock TCP rules",
-                "per_package_exceptions": sorted(
-                    k for k, r in self.config.packages.items() if r.network
-                ),
-            },
-            "server_undumpable": {
-                "enabled": self._undumpable,
-                "reason": None if self._undumpable else "not needed (pid namespace)",
-            },
-        }
-        return {
-            "mode": self.mode,
-            "isolation": p.isolation,
-            "probe_ms": pr.get("elapsed_ms"),
-            "verified": {
-                "ok": bool(pr.get("e2e", {}).get("ok")),
-                "error": pr.get("e2e", {}).get("error"),
-                "checked": pr.get("e2e", {}).get("result"),
-            },
-            "missing": [name for name, _ in self._missing],
-            "layers": layers,
-        }
+        return report.report(self)
 
-    # ------------------------------------------------------------------ kernels
+    def _probe_quota(self) -> None:
+        """Can we give each session a tmpfs of its own (size and inode limits)?"""
+        trial = os.path.join(str(self.run_dir), "w", "quota-probe-" + secrets.token_hex(3))
+        owners = layout.Owners(kernel_uid=None, gid=None)
+        try:
+            dirs = layout.create(
+                str(self.run_dir),
+                os.path.basename(trial),
+                owners,
+                disk_bytes=1 << 20,
+                inodes=64,
+                quota=True,
+            )
+        except OSError as exc:
+            self._quota_ok, self._quota_reason = False, f"cannot mount a tmpfs: {exc.strerror}"
+            return
+        self._quota_ok, self._quota_reason = dirs.quota, None
+        layout.remove(dirs)
 
-    def prepare_kernel(
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(
         self,
         *,
-        kernel_dir: Path,
-        work_dir: Path,
-        package_root: Path,
+        package_root: Path | str | None,
         package_name: str,
         package_id: str,
         resource_tier: int | None = None,
-    ) -> dict[str, str]:
-        kdir = os.path.abspath(os.fspath(kernel_dir))
-        wdir = os.path.abspath(os.fspath(work_dir))
-        home = os.path.join(kdir, "home")
-        tmp = os.path.join(kdir, "tmp")
-        for d in (home, tmp, wdir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        env = {
-            "HOME": home,
-            "TMPDIR": tmp,
-            "IPYTHONDIR": os.path.join(home, ".ipython"),
-            "MPLCONFIGDIR": os.path.join(home, ".config", "matplotlib"),
-            "XDG_CACHE_HOME": os.path.join(home, ".cache"),
-            "XDG_CONFIG_HOME": os.path.join(home, ".config"),
-        }
-        pythonpath = plan.needs_pythonpath(self._probe)
-        if pythonpath:
-            # The launcher must be importable; it removes this entry before the kernel runs.
-            env["PYTHONPATH"] = plan.PACKAGE_PARENT
-            env[PYTHONPATH_ENV] = plan.PACKAGE_PARENT
-        if self.mode == "off":
-            return env
-        if not self._started or self._plan is None:
-            raise RuntimeError("Sandbox.start() must complete before prepare_kernel()")
-        p = self._plan
-        key = _key(kdir)
+    ) -> SandboxSession:
+        """A session's ids and directories (blocking file work: call from a thread)."""
+        name = secrets.token_hex(4)
+        key = f"{name}"
         resolved = policy.resolve(
             self.config,
             package_name=package_name,
             package_id=package_id,
             resource_tier=resource_tier,
         )
+        pool_id: int | None = None
+        owners = layout.Owners(kernel_uid=None, gid=None)
+        if self.mode != "off" and self._plan is not None and self._plan.separated:
+            pool_id = self._uids.allocate(key)
+            if self._plan.uid:
+                owners = layout.Owners(kernel_uid=pool_id, gid=pool_id, guard_uid=0)
+            else:
+                owners = layout.Owners(kernel_uid=0, gid=pool_id, guard_uid=pool_id)
+        try:
+            dirs = layout.create(
+                str(self.run_dir),
+                name,
+                owners,
+                disk_bytes=resolved.disk_bytes,
+                inodes=resolved.inodes,
+                quota=self._quota_ok,
+            )
+            if self.mode == "off":
+                for d in (dirs.home, dirs.tmp, dirs.work):
+                    os.makedirs(d, mode=0o700, exist_ok=True)
+        except OSError:
+            if pool_id is not None:
+                self._uids.release(key)
+            raise
+        root = os.path.abspath(os.fspath(package_root)) if package_root else None
+        session = SandboxSession(
+            key, dirs, owners, pool_id, resolved, root, package_name, package_id
+        )
+        with self._lock:
+            self._sessions[key] = session
+        return session
+
+    def close_session(self, session: SandboxSession) -> None:
+        """Kill whatever is left of the session, give its ids back, remove its trees."""
+        self.end_launch(session)
+        if session.owners.separated:
+            _kill_ids(session.owners)
+        layout.remove(session.dirs)
+        with self._lock:
+            self._sessions.pop(session.key, None)
+        if session.pool_id is not None:
+            self._uids.release(session.key)
+
+    def prepare_launch(
+        self, session: SandboxSession, kernel_env: dict[str, str]
+    ) -> tuple[list[str], dict[str, str], str]:
+        """Cgroups and the pinned policy for one kernel start (blocking: call from a thread).
+
+        Returns the launcher argv to put in front of the kernel's, the launcher's whole
+        environment and its working directory."""
+        if self.mode == "off":
+            return [], dict(kernel_env), session.dirs.work
+        if not self._started or self._plan is None:
+            raise RuntimeError("Sandbox.start() must complete before a kernel is launched")
+        self.end_launch(session)  # a launch without its cleanup: start from scratch
+        p, resolved = self._plan, session.resolved
         data_dirs = []
         for d in resolved.data_dirs:
             if os.path.isdir(d):
                 data_dirs.append(d)
             else:
-                log.warning("sandbox: data dir %s for package %s does not exist", d, package_name)
-        with self._lock:
-            old = self._kernels.get(key)
-        if old is not None:  # prepared again without a release: start from scratch
-            self.release_kernel(Path(kdir))
-        uid = self._uids.allocate(key) if p.uid else None
-        kc = None
+                log.warning(
+                    "sandbox: data dir %s for package %s does not exist", d, session.package_name
+                )
         if self._probe and self._probe.get("cgroups", {}).get("ok"):
             try:
-                kc = cgroups.create(
-                    key,
+                session.cgroups = cgroups.create(
+                    session.key + "-" + secrets.token_hex(2),
                     probed=self._probe["cgroups"],
                     memory_bytes=resolved.memory_bytes,
                     cpus=resolved.cpus,
@@ -405,6 +276,7 @@ class Sandbox:
                     log.warning("sandbox: cannot create kernel cgroups (%s); going on without", exc)
                 self._cgroup_failed = f"creating kernel cgroups failed: {exc}"
         cpu = resolved.cpu_seconds
+        owners = session.owners
         rlimits = {
             "DATA": resolved.data_bytes,
             "NOFILE": resolved.nofile,
@@ -412,80 +284,109 @@ class Sandbox:
             "CORE": 0,
             "CPU": [cpu, cpu + 5] if cpu else None,
             # Counts per uid system-wide: only meaningful with a dedicated uid.
-            "NPROC": resolved.pids if uid is not None else None,
+            "NPROC": resolved.pids if owners.kernel_uid else None,
         }
-        masked = list(plan.DEFAULT_MASKED) + [str(self.run_dir)] + self._hidden
         doc = plan.document(
             p,
-            kernel_dir=kdir,
-            work_dir=wdir,
-            uid=uid,
+            dirs=session.dirs,
+            uid=owners.kernel_uid,
+            gid=owners.gid,
             rlimits=rlimits,
-            cgroup_procs=kc.procs if kc else [],
+            cgroup_procs=session.cgroups.procs if session.cgroups else [],
             network=resolved.network,
-            package_root=os.path.abspath(os.fspath(package_root)) if package_root else None,
+            package_root=session.package_root,
             data_dirs=data_dirs,
-            masked=masked,
-            pythonpath=pythonpath,
+            masked=list(plan.DEFAULT_MASKED),
+            guarded=[str(self.run_dir), *self._hidden],
+            kernel_env=kernel_env,
+            shm_bytes=resolved.shm_bytes,
             extra={
-                "package": {"name": package_name, "id": package_id},
+                "package": {"name": session.package_name, "id": session.package_id},
                 "resources": resolved.as_dict(),
             },
         )
         data = json.dumps(doc, indent=1, sort_keys=True).encode()
-        path = os.path.join(kdir, POLICY_FILE)
-        tmp_path = path + f".{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_path)
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp_path, path)
-        with self._lock:
-            self._kernels[key] = _Kernel(key, kdir, uid, kc, resolved)
-        env[POLICY_ENV] = path
-        env[POLICY_SHA_ENV] = hashlib.sha256(data).hexdigest()
-        return env
+        _write_private(session.dirs.policy_file, data)
+        env = {
+            "PATH": plan.LAUNCHER_PATH_ENV,
+            "LANG": "C.UTF-8",
+            POLICY_ENV: session.dirs.policy_file,
+            POLICY_SHA_ENV: hashlib.sha256(data).hexdigest(),
+        }
+        return plan.launcher_argv() + ["--"], env, "/"
 
-    def release_kernel(self, kernel_dir: Path) -> None:
-        key = _key(kernel_dir)
-        with self._lock:
-            k = self._kernels.pop(key, None)
-        if k is None:
-            return
-        if k.cgroups is not None:
-            cgroups.kill_all(k.cgroups)
-        if k.uid is not None:
-            _kill_uid(k.uid)
-        if k.cgroups is not None:
-            left = cgroups.destroy(k.cgroups)
+    def end_launch(self, session: SandboxSession) -> None:
+        """After a kernel process ended (restart or shutdown): nothing it started survives."""
+        kc, session.cgroups = session.cgroups, None
+        if kc is not None:
+            cgroups.kill_all(kc)
+        if session.owners.separated and self.mode != "off":
+            _kill_ids(session.owners)
+        if kc is not None:
+            left = cgroups.destroy(kc)
             if left:
                 log.warning("sandbox: could not remove cgroups %s", left)
-        if k.uid is not None:
-            self._uids.release(key)
+
+    def kill(self, session: SandboxSession) -> bool:
+        """SIGKILL the kernel's whole tree at once through its cgroup, if it has one."""
+        if session.cgroups is None:
+            return False
+        cgroups.kill_all(session.cgroups, timeout=0.5)
+        return True
 
     def close(self) -> None:
-        """Release every kernel still prepared (server shutdown)."""
+        """Release every session still open (server shutdown)."""
         with self._lock:
-            dirs = [k.kernel_dir for k in self._kernels.values()]
-        for d in dirs:
-            self.release_kernel(Path(d))
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            self.close_session(session)
 
-    def kernel_info(self, kernel_dir: Path) -> dict[str, Any] | None:
-        """What one prepared kernel got (uid, limits), for status pages."""
-        with self._lock:
-            k = self._kernels.get(_key(kernel_dir))
-        if k is None:
-            return None
+    def kernel_info(self, session: SandboxSession) -> dict[str, Any]:
+        """What one session's kernel got (ids, limits), for status pages."""
         return {
-            "uid": k.uid,
-            "cgroups": k.cgroups.dirs if k.cgroups else [],
-            **k.resolved.as_dict(),
+            "uid": session.owners.kernel_uid,
+            "gid": session.owners.gid,
+            "disk_quota": session.dirs.quota,
+            "cgroups": session.cgroups.dirs if session.cgroups else [],
+            **session.resolved.as_dict(),
         }
 
 
-def _kill_uid(uid: int, timeout: float = 3.0) -> int:
-    """SIGKILL every process whose real or effective uid is ``uid``; repeat until none."""
+@dataclass
+class SandboxSession:
+    key: str
+    dirs: layout.SessionDirs
+    owners: layout.Owners
+    pool_id: int | None
+    resolved: policy.Resolved
+    package_root: str | None
+    package_name: str
+    package_id: str
+    cgroups: cgroups.KernelCgroups | None = None
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write a root-only file in a server dir, atomically, never through a link."""
+    tmp_path = path + f".{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp_path)
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp_path, path)
+
+
+def _kill_ids(owners: layout.Owners, timeout: float = 3.0) -> int:
+    """SIGKILL every process running with the session's own uid (or, gid-only, its gid)."""
+    if owners.kernel_uid:
+        return _kill_matching("Uid", owners.kernel_uid, timeout)
+    if owners.gid is not None:
+        return _kill_matching("Gid", owners.gid, timeout)
+    return 0
+
+
+def _kill_matching(field_name: str, ident: int, timeout: float = 3.0) -> int:
+    """SIGKILL every process whose real or effective uid/gid is ``ident``; repeat until none."""
     killed = 0
     deadline = time.monotonic() + timeout
     while True:
@@ -498,7 +399,7 @@ def _kill_uid(uid: int, timeout: float = 3.0) -> int:
                     fields = dict(line.split(":", 1) for line in fh if ":" in line)
                 if fields.get("State", "").split()[:1] in (["Z"], ["X"]):
                     continue  # a zombie: already dead, its parent reaps it
-                if str(uid) in fields.get("Uid", "").split()[:2]:
+                if str(ident) in fields.get(field_name, "").split()[:2]:
                     found = True
                     os.kill(int(entry), signal.SIGKILL)
                     killed += 1

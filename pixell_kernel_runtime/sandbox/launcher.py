@@ -1,26 +1,29 @@
-"""The sandbox launcher: sits in front of ipykernel in the kernel spec (STDLIB ONLY).
+"""The sandbox launcher: sits in front of ipykernel (STDLIB ONLY).
 
-    python -m pixell_kernel_runtime.sandbox.launcher [--stage outer|inner] -- <kernel argv...>
+    python -I /abs/path/launcher.py [--stage outer|inner] -- <kernel argv...>
 
-Without ``PIXELL_SANDBOX_POLICY`` in the environment it only replaces a leading ``python`` with
-``sys.executable`` and runs the argv (the ``off`` mode, and anything run outside the runtime).
-"Runs": ``python -m <module> ...`` runs in this very interpreter through runpy, exactly as ``-m``
-would (it saves a whole interpreter start-up, ~100 ms here); anything else, or any argv when
-``PIXELL_SANDBOX_EXEC=1``, is exec'd.
+The provisioner starts it with cwd ``/`` and a fixed environment of four variables (PATH, LANG,
+the policy's path and its SHA-256). ``-I`` keeps every ``PYTHON*`` variable, the user site and the
+script's and working directory out of the privileged interpreter: nothing a package or a kernel
+can write is imported, opened or executed while the process is privileged. The kernel's own
+environment (package ``PYTHONPATH``, manifest variables, ``.env``) travels inside the pinned
+policy and is applied only at the very last step, after the ids drop and every layer.
 
-With it (the path of the ``sandbox.json`` written by ``Sandbox.prepare_kernel``, checked against
-``PIXELL_SANDBOX_POLICY_SHA256`` so that a kernel cannot rewrite the policy of its own restart):
+Without ``PIXELL_SANDBOX_POLICY`` it only runs the argv (replacing a leading ``python`` with this
+interpreter): the ``off`` mode. "Runs": ``python -m <module> ...`` runs in this very interpreter
+through runpy, as ``-m`` would with the kernel's environment (it saves a whole interpreter
+start-up, ~100 ms); anything else is exec'd.
 
-outer stage (normally as root, started by jupyter_client)
-    joins the kernel's cgroups, chowns the kernel dir to the session uid, sets rlimits, then
-    execs bwrap / unshare whose command is this launcher again with ``--stage inner``; with no
-    namespace tool it goes straight on to the inner steps in the same process.
+outer stage (normally as root, host namespaces)
+    reads ``sandbox.json`` (root-owned, outside the kernel's tree, checked against its digest),
+    joins the kernel's cgroups, sets rlimits, then execs bwrap / unshare whose command is this
+    launcher again with ``--stage inner``; with no namespace tool it goes straight on.
 inner stage (inside the namespaces)
-    for ``unshare`` builds the mount view; drops to the session uid (bwrap and unshare run as
-    root so that they can bind paths that only root can reach, e.g. a pyenv under a 0700
-    /root) or drops every capability; sets no_new_privs; applies Landlock (only without
-    namespaces); installs the seccomp deny-list; cleans the environment; then runs the kernel
-    argv as above.
+    for ``unshare`` builds the mount view; clears the capability bounding set and drops to the
+    session's ids (uid, or gid alone with every capability dropped); creates home/tmp/work in
+    the kernel's tree as the kernel; sets no_new_privs; applies Landlock (only without
+    namespaces); installs the seccomp allow-list; replaces the environment with the kernel's;
+    then runs the kernel argv.
 
 Every failure is fatal (exit 70 with one line on stderr): a kernel never starts less confined
 than its policy says.
@@ -32,21 +35,20 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import sys
 
 if __package__:
     from . import confine, seccomp
-else:  # run by path
+else:  # run by path under -I: the launcher's own (root-owned) directory, nothing else
+    sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
     import confine  # type: ignore[no-redef]
     import seccomp  # type: ignore[no-redef]
 
 POLICY_ENV = "PIXELL_SANDBOX_POLICY"
-# The PYTHONPATH entry the runtime added only so that this launcher imports; removed before
-# the kernel runs (in every mode, off included).
-PYTHONPATH_ENV = "PIXELL_SANDBOX_PYTHONPATH"
 POLICY_SHA_ENV = "PIXELL_SANDBOX_POLICY_SHA256"
 INNER_ENV = "PIXELL_SANDBOX_INNER"
-_OUR_ENV = (POLICY_ENV, POLICY_SHA_ENV, INNER_ENV, PYTHONPATH_ENV)
+POLICY_VERSION = 2
 EXIT_SANDBOX_FAILURE = 70
 
 _RLIMITS = {
@@ -98,17 +100,18 @@ def _resolve_argv(argv: list[str]) -> list[str]:
 
 
 def _load_policy(path: str, expected_sha: str | None) -> dict:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
-        data = fh.read(1 << 20)
-    if expected_sha is not None:
-        if hashlib.sha256(data).hexdigest() != expected_sha:
-            raise LaunchError(f"policy {path} does not match its digest (tampered?)")
-    elif st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise LaunchError(f"policy {path} is not owned by us or is group/world writable")
+        if not stat.S_ISREG(st.st_mode):
+            raise LaunchError(f"policy {path} is not a regular file")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise LaunchError(f"policy {path} is not owned by us or is group/world writable")
+        data = fh.read(4 << 20)
+    if expected_sha is None or hashlib.sha256(data).hexdigest() != expected_sha:
+        raise LaunchError(f"policy {path} does not match its digest (tampered?)")
     policy = json.loads(data)
-    if policy.get("version") != 1:
+    if policy.get("version") != POLICY_VERSION:
         raise LaunchError("unsupported policy version")
     return policy
 
@@ -124,27 +127,6 @@ def _join_cgroups(procs_files: list[str]) -> None:
             os.write(fd, pid)
         finally:
             os.close(fd)
-
-
-def _chown_tree(root: str, uid: int, gid: int, skip: set[str]) -> None:
-    """lchown every entry of ``root`` not yet owned by uid; never follows a symlink."""
-    st = os.lstat(root)
-    if st.st_uid != uid or st.st_gid != gid:
-        os.chown(root, uid, gid, follow_symlinks=False)
-    os.chmod(root, 0o700)
-    for _dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
-        for name in dirnames + filenames:
-            if name in skip and _dirpath == root:
-                continue
-            try:
-                est = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-                if est.st_uid == uid and est.st_gid == gid:
-                    continue
-                if not (est.st_mode & 0o170000 == 0o040000) and est.st_nlink > 1:
-                    continue  # never hand over a hard-linked file
-                os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
 
 
 def _set_rlimits(limits: dict) -> None:
@@ -173,28 +155,31 @@ def _bwrap_cmd(policy: dict, inner_cmd: list[str]) -> list[str]:
         cmd += ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"]
         if not policy.get("network"):
             cmd.append("--unshare-net")
+        # SETPCAP only so that the inner stage can empty the bounding set before the drop.
         cmd += ["--cap-drop", "ALL"]
-        if policy.get("uid") is not None:
-            cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"):
+            cmd += ["--cap-add", cap]
     else:
         cmd += ["--unshare-all", "--unshare-user", "--disable-userns"]
         if policy.get("network"):
             cmd.append("--share-net")
     cmd += ["--die-with-parent", "--new-session", "--ro-bind", "/", "/"]
-    cmd += ["--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm", "--proc", "/proc"]
-    for path in policy.get("masked", []):
-        cmd += ["--tmpfs", path]
-    binds = [(p, "--ro-bind") for p in policy.get("ro_binds", [])]
-    binds += [(p, "--bind") for p in policy.get("rw_binds", [])]
+    cmd += ["--dev", "/dev", "--perms", "1777"]
+    if policy.get("shm_bytes"):
+        cmd += ["--size", str(int(policy["shm_bytes"]))]
+    cmd += ["--tmpfs", "/dev/shm", "--proc", "/proc"]
     masked = policy.get("masked", [])
+    for path in masked:
+        cmd += ["--tmpfs", path]
+    binds = [(p, "--ro-bind") for p in policy.get("ro_binds", []) + policy.get("ro_files", [])]
+    binds += [(p, "--bind") for p in policy.get("rw_binds", [])]
     for path, flag in sorted(binds, key=lambda b: b[0].count("/")):
         parent = os.path.dirname(path)
         if any(parent.startswith(m.rstrip("/") + "/") for m in masked):
             # bwrap makes the missing parents of a bind 0700: a dropped uid could not pass.
             cmd += ["--perms", "0755", "--dir", parent]
         cmd += [flag, path, path]
-    # Not --chdir WORK_DIR: bwrap changes directory after dropping its capabilities, and the
-    # work dir belongs to the session uid (0700). The inner stage enters it after setuid.
+    # Not --chdir WORK_DIR: the work dir is created by the kernel itself, after the drop.
     cmd += ["--chdir", "/", "--setenv", "JPY_PARENT_PID", "1"]
     return cmd + ["--"] + inner_cmd
 
@@ -210,49 +195,44 @@ def _unshare_cmd(policy: dict, inner_cmd: list[str]) -> list[str]:
     return cmd + ["--"] + inner_cmd
 
 
+_INNER_KEYS = (
+    "isolation",
+    "uid",
+    "gid",
+    "work_dir",
+    "make_dirs",
+    "masked",
+    "ro_binds",
+    "ro_files",
+    "rw_binds",
+    "shm_bytes",
+    "seccomp",
+    "deny_inet_dgram",
+    "deny_fastopen",
+    "landlock",
+    "network",
+    "kernel_env",
+)
+
+
 def outer(policy: dict, argv: list[str]) -> list[str]:
     """Apply the outer layers; exec the namespace tool, or return the argv to run (no tool)."""
-    uid = policy.get("uid")
-    gid = policy.get("gid", uid)
     if policy.get("cgroup_procs"):
         _join_cgroups(policy["cgroup_procs"])
-    if uid is not None and os.geteuid() == 0:
-        _chown_tree(policy["kernel_dir"], uid, gid, skip={"sandbox.json"})
     _set_rlimits(policy.get("rlimits", {}))
     isolation = policy.get("isolation", "none")
-    inner_policy = {
-        k: policy.get(k)
-        for k in (
-            "isolation",
-            "uid",
-            "gid",
-            "work_dir",
-            "kernel_dir",
-            "masked",
-            "ro_binds",
-            "rw_binds",
-            "seccomp",
-            "deny_inet_dgram",
-            "landlock",
-            "network",
-            "pythonpath_entry",
-        )
-    }
+    inner_policy = {k: policy.get(k) for k in _INNER_KEYS}
     if isolation == "none":
         return inner(inner_policy, argv)
-    env = dict(os.environ)
-    for key in (POLICY_ENV, POLICY_SHA_ENV):
-        env.pop(key, None)
+    # The same fixed minimum the provisioner gave us, plus the inner stage's policy.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
     env[INNER_ENV] = json.dumps(inner_policy, separators=(",", ":"))
-    # Run as a module from the same interpreter, with the same flags as a plain kernel start
-    # (site enabled): the inner stage becomes the kernel process itself.
-    inner_cmd = [sys.executable, "-m", "pixell_kernel_runtime.sandbox.launcher"]
-    inner_cmd += ["--stage", "inner", "--"] + argv
+    inner_cmd = [sys.executable, "-I", os.path.realpath(__file__), "--stage", "inner", "--"]
+    inner_cmd += argv
     if isolation == "bwrap":
         cmd = _bwrap_cmd(policy, inner_cmd)
     elif isolation == "unshare":
         cmd = _unshare_cmd(policy, inner_cmd)
-        env["JPY_PARENT_PID"] = "1"
         # bwrap's --die-with-parent, for unshare: when the server dies unshare dies, and
         # --kill-child takes the namespace down with it.
         confine.set_pdeathsig(signal.SIGKILL)
@@ -265,30 +245,25 @@ def outer(policy: dict, argv: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- inner stage
 
 
-def _clean_env(policy: dict) -> None:
-    entry = policy.get("pythonpath_entry") or os.environ.get(PYTHONPATH_ENV)
-    for key in _OUR_ENV:
-        os.environ.pop(key, None)
-    if entry:
-        parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if entry in parts:
-            parts.remove(entry)
-        if parts:
-            os.environ["PYTHONPATH"] = os.pathsep.join(parts)
-        else:
-            os.environ.pop("PYTHONPATH", None)
-        try:
-            sys.path.remove(entry)
-        except ValueError:
-            pass
-
-
-def _drop_uid(uid: int, gid: int) -> None:
+def _drop_ids(uid: int | None, gid: int | None) -> None:
+    """To the session's ids, with an empty capability bounding set. ``uid`` 0 with a ``gid``:
+    the interpreter is unreachable for other uids, so the kernel keeps uid 0, but without any
+    capability that is only an owner like any other, and the gid keeps kernels apart."""
+    if gid is None:
+        if os.geteuid() == 0 or confine.capabilities().get("CapEff"):
+            confine.drop_capabilities()
+        return
+    confine.drop_bounding_set()
     os.setgroups([])
     os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    if os.getuid() != uid or os.geteuid() != uid:
-        raise LaunchError("setuid did not take")
+    if uid:
+        os.setresuid(uid, uid, uid)  # clears the permitted and effective sets too
+        if os.getuid() != uid or os.geteuid() != uid:
+            raise LaunchError("setuid did not take")
+    confine.drop_capabilities()
+    caps = confine.capabilities()
+    if any(caps.get(k) for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh")):
+        raise LaunchError(f"capabilities left after the drop: {caps}")
 
 
 def _reaper(child: int) -> None:
@@ -310,21 +285,19 @@ def _reaper(child: int) -> None:
 def inner(policy: dict, argv: list[str]) -> list[str]:
     """Apply the innermost layers to this process; return the kernel argv to run."""
     isolation = policy.get("isolation", "none")
-    work_dir = policy.get("work_dir")
     if isolation == "unshare":
         confine.build_mount_view(
             masked=policy.get("masked") or [],
-            ro_binds=policy.get("ro_binds") or [],
+            ro_binds=(policy.get("ro_binds") or []) + (policy.get("ro_files") or []),
             rw_binds=policy.get("rw_binds") or [],
+            shm_bytes=policy.get("shm_bytes"),
         )
-    uid = policy.get("uid")
-    if uid is not None and os.geteuid() == 0:
-        _drop_uid(uid, policy.get("gid", uid))
-    elif os.geteuid() == 0 or confine.capabilities().get("CapEff"):
-        confine.drop_capabilities()
-    if work_dir:
-        # After the uid drop (the dir is the uid's, 0700) and after the mounts above.
-        os.chdir(work_dir)
+    _drop_ids(policy.get("uid"), policy.get("gid"))
+    os.umask(0o077)
+    for d in policy.get("make_dirs") or []:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    if policy.get("work_dir"):
+        os.chdir(policy["work_dir"])
     seccomp.set_no_new_privs()
     landlock = policy.get("landlock")
     if landlock:
@@ -335,36 +308,54 @@ def inner(policy: dict, argv: list[str]) -> list[str]:
             deny_tcp=not policy.get("network"),
         )
     if policy.get("seccomp"):
-        seccomp.install(deny_inet_dgram=bool(policy.get("deny_inet_dgram")))
-    _clean_env(policy)
+        seccomp.install(
+            deny_inet_dgram=bool(policy.get("deny_inet_dgram")),
+            deny_fastopen=bool(policy.get("deny_fastopen")),
+        )
     if isolation == "unshare" and os.getpid() == 1:
         child = os.fork()
         if child:
             _reaper(child)
+    _apply_kernel_env(policy.get("kernel_env"))
     return argv
+
+
+def _apply_kernel_env(kernel_env: dict | None) -> None:
+    """The last step: the kernel's own environment replaces the launcher's fixed one."""
+    jpy_parent = os.environ.get("JPY_PARENT_PID")
+    os.environ.clear()
+    os.environ.update(kernel_env or {})
+    if jpy_parent is not None:
+        # bwrap's --setenv: ipykernel must not watch a parent it cannot see.
+        os.environ["JPY_PARENT_PID"] = jpy_parent
 
 
 def run_kernel(argv: list[str]) -> None:
     argv = _resolve_argv(argv)
-    # ``python -m module args`` runs here (the interpreter is already up: saves ~100 ms).
+    # ``python -m module args`` runs here (the interpreter is already up: saves ~100 ms), with
+    # the sys.path that ``python -m`` would build from the kernel's environment.
     if (
         len(argv) >= 3
         and argv[1] == "-m"
         and os.path.realpath(argv[0]) == os.path.realpath(sys.executable)
         and not argv[2].startswith("-")
-        and os.environ.get("PIXELL_SANDBOX_EXEC") != "1"
     ):
         import runpy
 
         module = argv[2]
         sys.argv = [argv[0]] + argv[3:]
-        sys.path[0] = os.getcwd()
+        here = os.path.dirname(os.path.realpath(__file__))
+        base = [p for p in sys.path if p and p != here]
+        extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[:] = [os.getcwd(), *extra, *base]
         for name in [n for n in sys.modules if n.startswith("pixell_kernel_runtime")]:
+            sys.modules.pop(name, None)
+        for name in ("confine", "seccomp", "seccomp_tables", "launcher"):
             sys.modules.pop(name, None)
         sys.stdout.flush()
         runpy._run_module_as_main(module, alter_argv=True)  # type: ignore[attr-defined]
         return
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, dict(os.environ))
 
 
 def confine_self(argv: list[str]) -> list[str]:
@@ -377,11 +368,10 @@ def confine_self(argv: list[str]) -> list[str]:
         return inner(json.loads(raw), cmd)
     path = os.environ.get(POLICY_ENV)
     if not path:
-        _clean_env({})
+        for key in (POLICY_SHA_ENV, INNER_ENV):
+            os.environ.pop(key, None)
         return cmd
     policy = _load_policy(path, os.environ.get(POLICY_SHA_ENV))
-    os.environ.pop(POLICY_ENV, None)
-    os.environ.pop(POLICY_SHA_ENV, None)
     return outer(policy, cmd)
 
 

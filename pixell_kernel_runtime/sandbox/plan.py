@@ -9,6 +9,7 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pixell_kernel_runtime
 
@@ -27,7 +28,18 @@ LANDLOCK_DEVICES = (
     "/dev/ptmx",
 )
 PACKAGE_DIR = str(Path(pixell_kernel_runtime.__file__).resolve().parent)
-PACKAGE_PARENT = str(Path(PACKAGE_DIR).parent)
+LAUNCHER = os.path.join(PACKAGE_DIR, "sandbox", "launcher.py")
+# The privileged stages' whole environment: nothing a package or the server's caller chose.
+LAUNCHER_PATH_ENV = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def launcher_argv(*, stage: str = "outer") -> list[str]:
+    """How every privileged stage starts: isolated mode (no PYTHON* variables, no user site,
+    no script or working directory on sys.path) and the launcher by absolute path."""
+    argv = [sys.executable, "-I", LAUNCHER]
+    if stage != "outer":
+        argv += ["--stage", stage]
+    return argv
 
 
 def _under(path: str, root: str) -> bool:
@@ -73,19 +85,6 @@ def runtime_paths() -> list[str]:
     return minimal_roots(out)
 
 
-def needs_pythonpath(probed: dict | None = None) -> bool:
-    """Must the kernel env carry PYTHONPATH for ``-m pixell_kernel_runtime...`` to import?
-    The probe knows (it tries a clean interpreter: an editable install may do without);
-    otherwise: unless the package sits in site-packages."""
-    if probed is not None and "launcher_importable" in probed:
-        return not probed["launcher_importable"]
-    try:
-        sp = [os.path.realpath(p) for p in site.getsitepackages()]
-    except AttributeError:
-        sp = []
-    return os.path.realpath(PACKAGE_PARENT) not in sp
-
-
 @functools.lru_cache(maxsize=8)
 def _world_readable(root: str) -> tuple[bool, tuple[str, ...]]:
     """(whole tree world-readable?, the largest world-readable pieces of it)."""
@@ -123,6 +122,9 @@ class Plan:
     root: bool
     isolation: str  # bwrap | unshare | none
     uid: bool
+    # Root, no namespace tool and an interpreter the pool uids cannot reach: the kernel keeps
+    # uid 0 without any capability, and a gid of its own separates it from other kernels.
+    gid_only: bool
     landlock_abi: int  # 0 = not used
     seccomp: bool
     rlimits: bool
@@ -134,6 +136,11 @@ class Plan:
     @property
     def uses_namespaces(self) -> bool:
         return self.isolation in ("bwrap", "unshare")
+
+    @property
+    def separated(self) -> bool:
+        """Does each kernel get ids of its own (a uid, or at least a gid)?"""
+        return self.uid or self.gid_only
 
 
 def decide(probed: dict, mode: str, *, exclude: tuple[str, ...] = ()) -> Plan:
@@ -150,6 +157,7 @@ def decide(probed: dict, mode: str, *, exclude: tuple[str, ...] = ()) -> Plan:
     # With bwrap/unshare the launcher re-binds what the uid must read (running as root while
     # it does); without them the uid must reach the interpreter by itself.
     uid = root and (isolation != "none" or bool(uid_info.get("exec_ok")))
+    gid_only = root and not uid
     sc = bool(probed.get("seccomp", {}).get("ok"))
     ll = int(probed.get("landlock", {}).get("abi") or 0)
     landlock_abi = ll if (isolation == "none" and ll >= 1) else 0
@@ -164,6 +172,7 @@ def decide(probed: dict, mode: str, *, exclude: tuple[str, ...] = ()) -> Plan:
         root=root,
         isolation=isolation,
         uid=uid,
+        gid_only=gid_only,
         landlock_abi=landlock_abi,
         seccomp=sc,
         rlimits=bool(probed.get("rlimits", {}).get("ok", True)),
@@ -174,65 +183,92 @@ def decide(probed: dict, mode: str, *, exclude: tuple[str, ...] = ()) -> Plan:
     )
 
 
+def grants_around(roots: list[str], guarded: list[str]) -> list[str]:
+    """``roots`` as Landlock read grants, split so that no guarded path is covered: a root that
+    holds a guarded path is replaced by its other children, recursively."""
+    out: list[str] = []
+    for root in minimal_roots(roots):
+        if any(_under(root, g) for g in guarded):
+            continue
+        inside = [g for g in guarded if _under(g, root)]
+        if not inside:
+            out.append(root)
+            continue
+        try:
+            names = sorted(os.listdir(root))
+        except OSError:
+            continue
+        out += grants_around([os.path.join(root, n) for n in names], inside)
+    return out
+
+
 def document(
     plan: Plan,
     *,
-    kernel_dir: str,
-    work_dir: str,
+    dirs: Any,
     uid: int | None,
+    gid: int | None,
     rlimits: dict,
     cgroup_procs: list[str],
     network: bool,
     package_root: str | None,
     data_dirs: list[str],
     masked: list[str],
-    guard: list[str] | None = None,
+    guarded: list[str],
+    kernel_env: dict[str, str],
+    shm_bytes: int | None,
     extra: dict | None = None,
-    pythonpath: bool = True,
 ) -> dict:
-    """The policy JSON the launcher reads (``sandbox.json``)."""
+    """The policy JSON the launcher reads (``sandbox.json``): every layer and the kernel's own
+    environment, which is applied only at the last step."""
     masked = minimal_roots([m for m in masked if os.path.isdir(m)])
+    own = [dirs.sockets, dirs.tree]
     needed = runtime_paths()
     if network and os.path.exists("/etc/resolv.conf"):
         needed.append(os.path.realpath("/etc/resolv.conf"))
-    # Never re-expose a masked tree, or the tree holding other kernels' dirs.
-    guarded = masked + [kernel_dir, *(guard or [])]
+    # Never re-expose a masked or guarded tree (the run dir with every session, the state dir
+    # with the store): only the kernel's own pieces of them are granted, one by one.
+    guarded = minimal_roots([*masked, *guarded, dirs.server, dirs.tree])
     needed = [p for p in needed if not any(_under(g, p) for g in guarded)]
+    extra_ro = [os.path.normpath(p) for p in [package_root, *data_dirs] if p]
+    extra_ro = [p for p in extra_ro if os.path.exists(p)]
     ro: list[str] = []
     if plan.uses_namespaces:
         # Only what a tmpfs hides needs re-binding; the rest is visible through --ro-bind / /.
         ro += [p for p in needed if any(_under(p, m) for m in masked)]
-    extra_ro = [os.path.normpath(p) for p in [package_root, *data_dirs] if p]
-    extra_ro = [p for p in extra_ro if os.path.exists(p) and not any(_under(g, p) for g in guarded)]
     ro = minimal_roots(ro + extra_ro)
-    ro = [p for p in ro if not _under(p, kernel_dir)]
+    ro = [p for p in ro if not any(_under(p, o) for o in own)]
     landlock = None
     if plan.landlock_abi:
-        top_masked = {m for m in masked if m.count("/") == 1}
-        tops = []
-        for name in sorted(os.listdir("/")):
-            path = "/" + name
-            if path in top_masked or path == "/dev" or not os.path.isdir(path):
-                continue
-            tops.append(path)
-        if plan.root and uid is None:
+        tops = [
+            "/" + name
+            for name in sorted(os.listdir("/"))
+            if name != "dev" and os.path.isdir("/" + name)
+        ]
+        if plan.root and plan.gid_only:
             # The kernel keeps uid 0 (without capabilities): owner permissions still let it
             # read root-only files, so /etc is granted piecewise, world-readable parts only.
-            tops = [t for t in tops if t != "/etc"] + world_readable_parts("/etc")
+            guarded = minimal_roots([*guarded, "/etc"])
+            tops += world_readable_parts("/etc")
         landlock = {
-            "read_only": minimal_roots(tops + needed + ro),
+            "read_only": minimal_roots(grants_around(tops, guarded) + needed + ro)
+            + [dirs.connection_file],
             # Not /dev/shm: without a mount namespace it is the HOST's, shared by every session
-            # (all uid 0 when there is no uid drop: free to overwrite or delete each other's
-            # and root's shared memory) and it outlives the session (RAM never given back).
-            "read_write": [kernel_dir],
+            # and outliving it (RAM never given back).
+            "read_write": own,
             "devices": list(LANDLOCK_DEVICES),
         }
+    fenced_net = not network and not plan.uses_namespaces
     doc = {
-        "version": 1,
-        "kernel_dir": kernel_dir,
-        "work_dir": work_dir,
+        "version": 2,
+        "server_dir": dirs.server,
+        "sockets": dirs.sockets,
+        "tree": dirs.tree,
+        "connection_file": dirs.connection_file,
+        "work_dir": dirs.work,
+        "make_dirs": [dirs.home, dirs.tmp, dirs.work],
         "uid": uid,
-        "gid": uid,
+        "gid": gid,
         "rlimits": rlimits,
         "cgroup_procs": cgroup_procs,
         "isolation": plan.isolation,
@@ -241,11 +277,15 @@ def document(
         "network": bool(network),
         "masked": masked if plan.uses_namespaces else [],
         "ro_binds": ro if plan.uses_namespaces else [],
-        "rw_binds": [kernel_dir] if plan.uses_namespaces else [],
+        "ro_files": [dirs.connection_file] if plan.uses_namespaces else [],
+        "rw_binds": own if plan.uses_namespaces else [],
+        "shm_bytes": shm_bytes if plan.uses_namespaces else None,
         "seccomp": plan.seccomp,
-        "deny_inet_dgram": bool(plan.seccomp and not network and not plan.uses_namespaces),
+        "deny_inet_dgram": bool(plan.seccomp and fenced_net),
+        # Landlock's TCP rule does not see a Fast Open connect: seccomp must refuse it.
+        "deny_fastopen": bool(plan.seccomp and fenced_net),
         "landlock": landlock,
-        "pythonpath_entry": PACKAGE_PARENT if pythonpath else None,
+        "kernel_env": dict(kernel_env),
     }
     if extra:
         doc.update(extra)

@@ -42,13 +42,19 @@ class Tier:
     cpus: float
     memory: int
     pids: int = 512
+    # The work tree's tmpfs (files and inodes) and /dev/shm; both count as the kernel's memory.
+    disk: int = 256 * MiB
+    inodes: int = 32768
+    shm: int = 64 * MiB
 
 
 DEFAULT_TIERS: dict[str, Tier] = {
     "small": Tier(cpus=1, memory=2 * GiB),
-    "medium": Tier(cpus=2, memory=4 * GiB),
-    "large": Tier(cpus=4, memory=16 * GiB, pids=1024),
+    "medium": Tier(cpus=2, memory=4 * GiB, disk=1 * GiB, inodes=131072, shm=256 * MiB),
+    "large": Tier(cpus=4, memory=16 * GiB, pids=1024, disk=4 * GiB, inodes=524288, shm=1 * GiB),
 }
+# Subordinate id ranges (user namespaces of other users' containers): never ours to hand out.
+SUBID_FILES = ("/etc/subuid", "/etc/subgid")
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,9 @@ class Resolved:
     network: bool
     data_dirs: tuple[str, ...]
     rule: str  # "default" or the matching package key
+    disk_bytes: int = 256 * MiB
+    inodes: int = 32768
+    shm_bytes: int = 64 * MiB
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +115,9 @@ class Resolved:
             "network": self.network,
             "data_dirs": list(self.data_dirs),
             "rule": self.rule,
+            "disk_bytes": self.disk_bytes,
+            "inodes": self.inodes,
+            "shm_bytes": self.shm_bytes,
         }
 
 
@@ -181,10 +193,16 @@ def load_config(path: Path | str | None) -> OperatorConfig:
         if name not in TIER_NAMES or not isinstance(spec, dict):
             raise ConfigError(f"{path}: tiers.{name}: unknown tier or not a mapping")
         base = cfg.tiers[name]
+        unknown_keys = set(spec) - {"cpus", "memory", "pids", "disk", "inodes", "shm"}
+        if unknown_keys:
+            raise ConfigError(f"{path}: tiers.{name}: unknown keys {sorted(unknown_keys)}")
         cfg.tiers[name] = Tier(
             cpus=float(spec.get("cpus", base.cpus)),
             memory=parse_size(spec.get("memory", base.memory)),
             pids=int(spec.get("pids", base.pids)),
+            disk=parse_size(spec.get("disk", base.disk)),
+            inodes=int(spec.get("inodes", base.inodes)),
+            shm=parse_size(spec.get("shm", base.shm)),
         )
     if "default" in raw:
         cfg.default = _rule(raw["default"], "default", Rule())
@@ -258,7 +276,37 @@ def resolve(
         network=rule.network,
         data_dirs=rule.data_dirs,
         rule=key,
+        disk_bytes=tier.disk,
+        inodes=tier.inodes,
+        shm_bytes=tier.shm,
     )
+
+
+def check_uid_range(start: int, count: int, files: tuple[str, ...] = SUBID_FILES) -> None:
+    """Refuse a sandbox uid range that overlaps any subordinate id range on this host."""
+    end = start + count
+    for path in files:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                lines = fh.read(1 << 20).splitlines()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path} to check the sandbox uid range: {exc}") from None
+        for n, line in enumerate(lines, 1):
+            parts = line.strip().split(":")
+            if len(parts) != 3 or line.lstrip().startswith("#"):
+                continue
+            try:
+                lo, size = int(parts[1]), int(parts[2])
+            except ValueError:
+                continue
+            if lo < end and start < lo + size:
+                raise ConfigError(
+                    f"the sandbox uid range {start}-{end - 1} overlaps {path} line {n} "
+                    f"({parts[0]}: {lo}-{lo + size - 1}); choose another range with the "
+                    "sandbox config's uids.start/uids.count"
+                )
 
 
 def _uid_busy(uid: int) -> bool:

@@ -14,6 +14,7 @@ isolation tool is marked broken with the reason and the next one is tried.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,12 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, confine, plan
+from . import cgroups, confine, layout, plan
 
 AUTO: Any = object()  # "look it up on PATH"
 _CACHE: dict[tuple, dict] = {}
 _LOCK = threading.Lock()
-LAUNCHER_MODULE = "pixell_kernel_runtime.sandbox.launcher"
 
 _SECCOMP_CHECK = r"""
 import ctypes, json, sys
@@ -40,8 +40,11 @@ import seccomp
 n = seccomp.install()
 libc = ctypes.CDLL(None, use_errno=True)
 rc = libc.ptrace(0, 0, 0, 0)
+err = ctypes.get_errno()
+# An allow-list refuses what it does not list: a number no kernel has yet.
+unlisted = libc.syscall(999) == -1 and ctypes.get_errno() == 1
 print(json.dumps({"rules": n, "mode": seccomp.current_mode(), "ptrace_rc": rc,
-                  "errno": ctypes.get_errno()}))
+                  "errno": err, "unlisted_refused": unlisted}))
 """
 
 _E2E_CHECK = r"""
@@ -196,11 +199,6 @@ def _probe(bwrap_opt, unshare_opt, path_env, probe_uid, run_dir) -> dict:
         except OSError as exc:
             res["unshare"] = {"ok": False, "path": unshare, "reason": str(exc)}
     try:
-        # Can a clean interpreter import the launcher without PYTHONPATH (installed package)?
-        procs["import"] = _spawn([sys.executable, "-c", f"import {LAUNCHER_MODULE}"])
-    except OSError:
-        procs["import"] = None
-    try:
         procs["seccomp"] = _spawn(
             [sys.executable, "-S", "-c", _SECCOMP_CHECK, str(Path(__file__).parent)]
         )
@@ -260,9 +258,6 @@ def _probe(bwrap_opt, unshare_opt, path_env, probe_uid, run_dir) -> dict:
         }
     elif "unshare" not in res:
         res["unshare"] = {"ok": False, "path": None, "reason": "unshare not found"}
-    if procs.get("import") is not None:
-        rc, _out, _err = _finish(procs["import"])
-        res["launcher_importable"] = rc == 0
     if "seccomp" in procs:
         rc, out, err = _finish(procs["seccomp"])
         ok = False
@@ -270,6 +265,7 @@ def _probe(bwrap_opt, unshare_opt, path_env, probe_uid, run_dir) -> dict:
         try:
             detail = json.loads(out.strip().splitlines()[-1])
             ok = rc == 0 and detail.get("mode") == 2 and detail.get("ptrace_rc") == -1
+            ok = ok and bool(detail.get("unlisted_refused"))
         except (ValueError, IndexError):
             pass
         res["seccomp"] = {
@@ -282,7 +278,7 @@ def _probe(bwrap_opt, unshare_opt, path_env, probe_uid, run_dir) -> dict:
     exclude: list[str] = []
     for _ in range(5):
         p = plan.decide(res, "best_effort", exclude=tuple(exclude))
-        ok, detail = _end_to_end(p, probe_uid if p.uid else None, run_dir, res)
+        ok, detail = _end_to_end(p, probe_uid, run_dir, res)
         res["e2e"] = {"ok": ok, "isolation": p.isolation, "uid": p.uid, **detail}
         if ok:
             break
@@ -304,42 +300,57 @@ def _probe(bwrap_opt, unshare_opt, path_env, probe_uid, run_dir) -> dict:
     return res
 
 
-def _end_to_end(p: plan.Plan, uid: int | None, run_dir: Any, res: dict) -> tuple[bool, dict]:
-    base = str(run_dir) if run_dir else None
-    if base:
-        os.makedirs(base, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix="pkr-probe-", dir=base)
+def _end_to_end(p: plan.Plan, probe_uid: int, run_dir: Any, res: dict) -> tuple[bool, dict]:
+    """Launch the trial exactly as a kernel starts: the same layout, policy and launcher."""
+    base = str(run_dir) if run_dir else tempfile.mkdtemp(prefix="pkr-probe-")
+    layout.prepare_run_dir(base)
+    if p.uid:
+        owners = layout.Owners(kernel_uid=probe_uid, gid=probe_uid)
+    elif p.gid_only:
+        owners = layout.Owners(kernel_uid=0, gid=probe_uid, guard_uid=probe_uid)
+    else:
+        owners = layout.Owners(kernel_uid=None, gid=None)
+    dirs = None
     listener = socket.socket()
     try:
+        dirs = layout.create(
+            base, "probe" + os.urandom(3).hex(), owners, disk_bytes=None, inodes=None, quota=False
+        )
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
         port = listener.getsockname()[1]
-        work = os.path.join(scratch, "work")
-        os.mkdir(work)
+        # The connection file's place must exist (it is bound into the kernel's view).
+        with open(dirs.connection_file, "w") as fh:
+            fh.write("{}")
+        layout.secure_connection_file(dirs.connection_file, owners)
         doc = plan.document(
             p,
-            kernel_dir=scratch,
-            work_dir=work,
-            uid=uid,
+            dirs=dirs,
+            uid=owners.kernel_uid,
+            gid=owners.gid,
             rlimits={"CORE": 0},
             cgroup_procs=[],
             network=False,
             package_root=None,
             data_dirs=[],
             masked=list(plan.DEFAULT_MASKED),
-            pythonpath=plan.needs_pythonpath(res),
+            guarded=[base],
+            kernel_env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            shm_bytes=16 << 20,
         )
-        policy_path = os.path.join(scratch, "sandbox.json")
-        with open(policy_path, "w") as fh:
-            json.dump(doc, fh)
-        os.chmod(policy_path, 0o644)
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PIXELL_SANDBOX_POLICY": policy_path}
-        if doc["pythonpath_entry"]:
-            env["PYTHONPATH"] = doc["pythonpath_entry"]
-        cmd = [sys.executable, "-m", LAUNCHER_MODULE, "--"]
-        cmd += ["python", "-S", "-c", _E2E_CHECK, str(port)]
+        data = json.dumps(doc).encode()
+        fd = os.open(dirs.policy_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        env = {
+            "PATH": plan.LAUNCHER_PATH_ENV,
+            "LANG": "C.UTF-8",
+            "PIXELL_SANDBOX_POLICY": dirs.policy_file,
+            "PIXELL_SANDBOX_POLICY_SHA256": hashlib.sha256(data).hexdigest(),
+        }
+        cmd = plan.launcher_argv() + ["--", "python", "-S", "-c", _E2E_CHECK, str(port)]
         proc = subprocess.run(
-            cmd, cwd=work, env=env, capture_output=True, timeout=20, stdin=subprocess.DEVNULL
+            cmd, cwd="/", env=env, capture_output=True, timeout=20, stdin=subprocess.DEVNULL
         )
         out = proc.stdout.decode(errors="replace")
         err = proc.stderr.decode(errors="replace")
@@ -348,8 +359,8 @@ def _end_to_end(p: plan.Plan, uid: int | None, run_dir: Any, res: dict) -> tuple
             return False, {"error": _short(err) or f"exit {proc.returncode}"}
         r = json.loads(line.split(" ", 1)[1])
         problems = []
-        if uid is not None and r.get("uid") != uid:
-            problems.append(f"runs as uid {r.get('uid')}, expected {uid}")
+        if owners.kernel_uid is not None and r.get("uid") != owners.kernel_uid:
+            problems.append(f"runs as uid {r.get('uid')}, expected {owners.kernel_uid}")
         if p.seccomp and r.get("Seccomp") != "2":
             problems.append("seccomp filter not active")
         if p.network_isolation and r.get("net") == "reachable":
@@ -363,4 +374,7 @@ def _end_to_end(p: plan.Plan, uid: int | None, run_dir: Any, res: dict) -> tuple
         return False, {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         listener.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+        if dirs is not None:
+            layout.remove(dirs)
+        if not run_dir:
+            shutil.rmtree(base, ignore_errors=True)

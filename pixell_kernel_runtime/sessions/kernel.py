@@ -1,52 +1,34 @@
 """One live kernel: start through jupyter_client, execute with a deadline, notice death.
 
-The kernel is launched from the spec in ``kernels/`` (argv through the
-sandbox launcher), over ipc sockets in a short per-session directory, with a
-clean environment built here: the server's own environment never reaches it.
+The kernel is launched from the runtime's own kernel spec by the ``SandboxProvisioner`` it names,
+over ipc sockets in the session's server dir; the environment it gets is built once, by
+``sandbox.environment``, and applied by the launcher only after every sandbox layer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
-from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from pixell_kernel_runtime.execution import runner
 from pixell_kernel_runtime.execution.bootstrap import bootstrap_code
+from pixell_kernel_runtime.sandbox import layout
+from pixell_kernel_runtime.sandbox.kernelspec import KERNEL_NAME, RuntimeKernelSpecManager
 
 log = logging.getLogger(__name__)
 
-KERNEL_NAME = "pixell-python"
 START_TIMEOUT = 60.0
 INTERRUPT_GRACE = 1.5
-
-# Variables a package may not set: they would change how Python or the loader
-# starts, or impersonate the runtime's own wiring.
-_RESERVED_ENV = {
-    "PYTHONPATH",
-    "PYTHONHOME",
-    "PYTHONSTARTUP",
-    "PYTHONSAFEPATH",
-    "LD_PRELOAD",
-    "LD_LIBRARY_PATH",
-    "LD_AUDIT",
-    "HOME",
-    "TMPDIR",
-}
-_RESERVED_PREFIXES = ("PIXELL_", "JPY_", "JUPYTER_", "IPYTHON")
 
 
 # What one kernel can make the server hold: libzmq queues whole messages on the receiving
@@ -114,23 +96,11 @@ def _exit_from_returncode(rc: int | None) -> Exit:
     return Exit(rc, None)
 
 
-def base_environment(extra: dict[str, str]) -> dict[str, str]:
-    """The kernel's whole environment: a fixed minimum plus the package's own variables."""
-    bin_dir = os.path.dirname(sys.executable)
-    env = {
-        "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "PYTHONNOUSERSITE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-    }
-    for key, value in extra.items():
-        if key in _RESERVED_ENV or key.startswith(_RESERVED_PREFIXES) or key in env:
-            log.warning("package variable %s ignored: reserved by the runtime", key)
-            continue
-        env[key] = value
-    return env
+class SessionKernelManager(AsyncKernelManager):  # type: ignore[misc]
+    """A kernel manager that carries its session's sandbox, for the ``SandboxProvisioner``."""
+
+    sandbox: Any = None
+    sandbox_session: Any = None
 
 
 class SessionKernel:
@@ -139,26 +109,25 @@ class SessionKernel:
     def __init__(
         self,
         *,
-        kernel_dir: Path,
-        work_dir: Path,
-        kernels_dir: Path,
+        sandbox: Any,
+        sandbox_session: Any,
+        spec_manager: RuntimeKernelSpecManager,
         env: dict[str, str],
     ) -> None:
-        self.kernel_dir = kernel_dir
-        self.work_dir = work_dir
+        self.dirs = sandbox_session.dirs
         self.env = env
-        spec_manager = KernelSpecManager(kernel_dirs=[str(kernels_dir)])
-        self.km = AsyncKernelManager(
+        self.km = SessionKernelManager(
             kernel_name=KERNEL_NAME,
             kernel_spec_manager=spec_manager,
             transport="ipc",
-            ip=str(kernel_dir / "s"),
-            connection_file=str(kernel_dir / "connection.json"),
+            ip=self.dirs.ipc_prefix,
+            connection_file=self.dirs.connection_file,
             shutdown_wait_time=2.0,
         )
+        self.km.sandbox = sandbox
+        self.km.sandbox_session = sandbox_session
         self.kc: AsyncKernelClient | None = None
         self.exit: Exit | None = None
-        self._log_file: Any = None
 
     @property
     def pid(self) -> int | None:
@@ -166,18 +135,11 @@ class SessionKernel:
         return getattr(proc, "pid", None)
 
     async def start(self) -> None:
-        self._log_file = open(self.kernel_dir / "kernel.log", "ab")  # noqa: SIM115
         try:
-            await self.km.start_kernel(
-                env=self.env,
-                cwd=str(self.work_dir),
-                stdout=self._log_file,
-                stderr=self._log_file,
-                stdin=asyncio.subprocess.DEVNULL,
-            )
+            await self.km.start_kernel(env=self.env)
             await self._connect()
         except Exception as exc:
-            detail = self._log_tail()
+            detail = await self._log_tail()
             await self.shutdown()
             raise KernelStartError(f"kernel failed to start: {exc}{detail}") from exc
 
@@ -195,14 +157,8 @@ class SessionKernel:
         if outcome != "done" or run.status != "ok":
             raise KernelStartError(f"kernel bootstrap failed: {run.error or outcome}")
 
-    def _log_tail(self) -> str:
-        try:
-            with open(self.kernel_dir / "kernel.log", "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 2000))
-                tail = fh.read().decode("utf-8", "replace").strip()
-        except OSError:
-            return ""
+    async def _log_tail(self) -> str:
+        tail = await asyncio.to_thread(layout.read_log_tail, self.dirs.log_file)
         return f"\n{tail}" if tail else ""
 
     async def is_alive(self) -> bool:
@@ -277,7 +233,3 @@ class SessionKernel:
                 await self.km.shutdown_kernel(now=True)
         except Exception:  # noqa: BLE001 - shutting down must not fail the caller
             log.warning("kernel shutdown failed", exc_info=True)
-        finally:
-            if self._log_file is not None:
-                self._log_file.close()
-                self._log_file = None

@@ -12,10 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import re
-import secrets
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,14 +41,16 @@ from pixell_kernel_runtime.execution.runner import CellRun
 from pixell_kernel_runtime.packages.manifest import CODE_EXECUTOR
 from pixell_kernel_runtime.packages.store import InstalledPackage
 from pixell_kernel_runtime.sandbox import Sandbox
+from pixell_kernel_runtime.sandbox.core import SandboxSession
+from pixell_kernel_runtime.sandbox.environment import kernel_environment
+from pixell_kernel_runtime.sandbox.kernelspec import RuntimeKernelSpecManager
 from pixell_kernel_runtime.sessions import procinfo
-from pixell_kernel_runtime.sessions.kernel import KernelStartError, SessionKernel, base_environment
+from pixell_kernel_runtime.sessions.kernel import KernelStartError, SessionKernel
 
 log = logging.getLogger(__name__)
 
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._@:+=-]{1,128}$")
 DEFAULT_SESSION = "default"
-REPO_KERNELS = Path(__file__).resolve().parent.parent.parent / "kernels"
 
 
 def _iso(ts: float) -> str:
@@ -67,7 +66,7 @@ class Session:
     key: str
     session_id: str
     package: InstalledPackage
-    dir: Path
+    sandbox: SandboxSession
     # Fixed when the session is created (the first call's input.resource_tier, else the
     # manifest's); the operator's policy caps it in the sandbox.
     resource_tier: int | None = None
@@ -108,7 +107,7 @@ class Session:
             "queued": self.waiting,
             "kernel_pid": pid,
             # For `pixell-kernel-runtime console` / `jupyter console --existing` on this host.
-            "connection_file": str(self.dir / "connection.json") if self.kernel else None,
+            "connection_file": self.sandbox.dirs.connection_file if self.kernel else None,
             "kernel_rss_bytes": procinfo.tree_rss(pid) if pid else None,
         }
 
@@ -118,7 +117,7 @@ class SessionManager:
         self.settings = settings
         self.sandbox = sandbox
         self.run_dir = run_dir
-        self.kernels_dir = settings.kernels_dir or REPO_KERNELS
+        self.spec_manager: RuntimeKernelSpecManager | None = None
         self._sessions: dict[str, Session] = {}
         self._create_lock = asyncio.Lock()
         self._culler: asyncio.Task[None] | None = None
@@ -129,9 +128,8 @@ class SessionManager:
     # ---- lifecycle -----------------------------------------------------
 
     async def start(self) -> None:
-        (self.run_dir / "k").mkdir(parents=True, exist_ok=True)
-        if not (self.kernels_dir / "pixell-python" / "kernel.json").is_file():
-            raise RuntimeError(f"kernel spec missing: {self.kernels_dir}/pixell-python")
+        self.spec_manager = RuntimeKernelSpecManager(self.settings.kernels_dir)
+        self.sandbox.kernel_spec = self.spec_manager.describe()
         self._culler = asyncio.create_task(self._cull_loop())
 
     async def stop(self) -> None:
@@ -139,8 +137,12 @@ class SessionManager:
             self._culler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._culler
-        await asyncio.gather(*(self._close(s) for s in list(self._sessions.values())))
-        await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
+        results = await asyncio.gather(
+            *(self._close(s) for s in list(self._sessions.values())), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                log.error("closing a session failed: %r", result)
 
     def counts(self) -> dict[str, int]:
         active = sum(1 for s in self._sessions.values() if s.kernel is not None)
@@ -173,16 +175,25 @@ class SessionManager:
                 await self._close(session)
             if len(self._sessions) >= self.settings.max_sessions:
                 await self._evict_one()
-            sdir = self.run_dir / "k" / secrets.token_hex(4)
-            await asyncio.to_thread(_make_session_dir, sdir)
+            tier = package.manifest.resource_tier if resource_tier is None else resource_tier
+            try:
+                sbx = await asyncio.to_thread(
+                    functools.partial(
+                        self.sandbox.open_session,
+                        package_root=package.root,
+                        package_name=package.manifest.name,
+                        package_id=package.id,
+                        resource_tier=tier,
+                    )
+                )
+            except (OSError, RuntimeError) as exc:
+                log.error("cannot open a sandbox session for %s: %s", key, exc)
+                raise ServiceUnavailable(
+                    f"could not set up a sandbox for session {session_id}: {exc}",
+                    code="sandbox_unavailable",
+                ) from None
             session = Session(
-                key=key,
-                session_id=session_id,
-                package=package,
-                dir=sdir,
-                resource_tier=package.manifest.resource_tier
-                if resource_tier is None
-                else resource_tier,
+                key=key, session_id=session_id, package=package, sandbox=sbx, resource_tier=tier
             )
             self._sessions[key] = session
             self.created_total += 1
@@ -208,34 +219,24 @@ class SessionManager:
             exit_ = session.kernel.exit
             await self._drop_kernel(session, cause="died_idle")
             session.restarted_note = exit_.describe() if exit_ else "the kernel died"
-        work = session.dir / "work"
-        # Creating cgroups and chowning the session dir is file work: keep it off the loop.
-        env_extra = await asyncio.to_thread(
-            functools.partial(
-                self.sandbox.prepare_kernel,
-                kernel_dir=session.dir,
-                work_dir=work,
-                package_root=session.package.root,
-                package_name=session.package.manifest.name,
-                package_id=session.package.id,
-                resource_tier=session.resource_tier,
-            )
+        dirs = session.sandbox.dirs
+        env = kernel_environment(
+            session.package.manifest.environment,
+            package_root=str(session.package.root),
+            home=dirs.home,
+            tmp=dirs.tmp,
         )
-        env = base_environment(session.package.manifest.environment)
-        env.setdefault("HOME", str(work))
-        env_extra = dict(env_extra)
-        # The sandbox may add its own entry (for its launcher, which removes it again): it goes
-        # after the package root, never in its place.
-        sandbox_path = env_extra.pop("PYTHONPATH", None)
-        env.update(env_extra)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(session.package.root), sandbox_path]))
+        assert self.spec_manager is not None, "SessionManager.start() first"
         kernel = SessionKernel(
-            kernel_dir=session.dir, work_dir=work, kernels_dir=self.kernels_dir, env=env
+            sandbox=self.sandbox,
+            sandbox_session=session.sandbox,
+            spec_manager=self.spec_manager,
+            env=env,
         )
         try:
             await kernel.start()
         except KernelStartError as exc:
-            await asyncio.to_thread(self.sandbox.release_kernel, session.dir)
+            await asyncio.to_thread(self.sandbox.end_launch, session.sandbox)
             if session.closed:  # its directory was removed under the starting kernel
                 raise _closed(session, "started its kernel") from None
             log.error("session %s: %s", session.key, exc)
@@ -256,8 +257,8 @@ class SessionManager:
     async def _drop_kernel(self, session: Session, *, cause: str) -> None:
         kernel, session.kernel = session.kernel, None
         if kernel is not None:
+            # The provisioner's cleanup already swept the kernel's cgroup and ids.
             await kernel.shutdown()
-            await asyncio.to_thread(self.sandbox.release_kernel, session.dir)
             if cause != "shutdown":
                 metrics.KERNEL_DEATHS.labels(cause).inc()
                 session.restarts += 1
@@ -266,7 +267,7 @@ class SessionManager:
         session.closed = True
         self._sessions.pop(session.key, None)
         await self._drop_kernel(session, cause="shutdown")
-        await asyncio.to_thread(shutil.rmtree, session.dir, True)
+        await asyncio.to_thread(self.sandbox.close_session, session.sandbox)
 
     # ---- calls ---------------------------------------------------------
 
@@ -510,8 +511,3 @@ def _unless_closed(session: Session, while_: str):  # type: ignore[no-untyped-de
         if session.closed and not (task is not None and task.cancelling()):
             raise _closed(session, while_) from None
         raise
-
-
-def _make_session_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True)
-    (path / "work").mkdir(mode=0o700)

@@ -38,6 +38,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,8 +63,7 @@ REPO_FILES = (
     "pyproject.toml",
     "Makefile",
     "Dockerfile",
-    "kernels/pixell-python/kernel.json",
-    "examples/pixell-python-agent/agent.yaml",
+    "pixell_kernel_runtime/examples/pixell-python-agent/agent.yaml",
 )
 
 MODES: dict[str, dict[str, str]] = {
@@ -169,6 +169,7 @@ class Ctx:
     udp: socket.socket
     report: dict[str, Any]
     victim_cwd: str = ""
+    victim_conn: str = ""  # its connection file, in the root-owned server dir
     victim_pid: int = 0
     victim_pids: set[int] = field(default_factory=set)
     run_dir: str = ""
@@ -295,7 +296,8 @@ def snapshot(ctx: Ctx) -> dict[str, Any]:
         "state_dir": tree(ctx.server.state_dir),
         "victim_work": tree(Path(ctx.victim_cwd)),
         "victim_files": {
-            n: tree(Path(ctx.victim_dir) / n) for n in ("connection.json", "sandbox.json")
+            n: tree(Path(ctx.victim_conn).parent / n)
+            for n in ("connection.json", "sandbox.json", "kernel.log")
         },
         "victim_text": digest(Path(ctx.victim_cwd) / "victim.txt"),
         "tmp_canary": (tree(ctx.tmp_canary.parent), digest(ctx.tmp_canary)),
@@ -319,6 +321,7 @@ def token_files(ctx: Ctx) -> list[str]:
         str(ctx.tmp_canary.parent),
         ctx.victim_dir,
         ctx.victim_cwd,
+        os.path.dirname(ctx.victim_conn),
     ]
     found = [p for d in dirs for p in glob.glob(os.path.join(d, f"*{ctx.token}*"))]
     for root in (ctx.server.state_dir,):
@@ -581,8 +584,9 @@ def ctx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         c.victim_cwd = out["result"]
         c.run_dir = str(Path(c.victim_cwd).parents[2])
         sessions = server.client.get("/runtime/sessions").json()["sessions"]
-        c.victim_pid = next(s["kernel_pid"] for s in sessions if s["session_id"] == "victim")
-        c.victim_pids = {c.victim_pid} | pids_with(f"{c.victim_dir}/connection.json")
+        victim = next(s for s in sessions if s["session_id"] == "victim")
+        c.victim_pid, c.victim_conn = victim["kernel_pid"], victim["connection_file"]
+        c.victim_pids = {c.victim_pid} | pids_with(c.victim_conn)
         assert Path(c.victim_cwd, "victim.txt").read_text() == VICTIM_TEXT
         yield c
     finally:
@@ -649,8 +653,15 @@ def test_report_and_single_warning_match_the_mode(ctx: Ctx) -> None:
         assert layers["server_undumpable"]["enabled"] is True
         assert "namespaces (bwrap and unshare)" in rep["missing"]
         assert "Kernels see host processes and paths" in warnings[0]
-        if not layers["uid"]["enabled"]:
-            assert "kernels run as root without capabilities" in warnings[0]
+        # Whether a pool uid can exec this interpreter is a fact of the host: a parent dir
+        # that others cannot search (a pyenv under 0700 /root) means gid-only separation.
+        exe = Path(os.path.realpath(sys.executable))
+        reachable = all(os.stat(d).st_mode & 0o001 for d in exe.parents)
+        assert layers["uid"]["enabled"] is reachable, layers["uid"]
+        assert layers["uid"]["gid_only"] is (not reachable), layers["uid"]
+        if not reachable:
+            assert "keep uid 0 without any capability" in warnings[0], warnings[0]
+            assert "a gid of its own" in warnings[0], warnings[0]
 
 
 # --------------------------------------------------------------------------- attacks
@@ -742,6 +753,7 @@ def test_other_sessions_store_etc_and_repo_are_out_of_reach(ctx: Ctx) -> None:
     params = {
         "victim_cwd": ctx.victim_cwd,
         "victim_dir": ctx.victim_dir,
+        "victim_conn": ctx.victim_conn,
         "store": str(ctx.store),
         "other_pkg": str(other_pkg),
         "own_roots": [str(ctx.store / "ids" / PKG / "pkg"), str(own_root)],
@@ -755,7 +767,7 @@ T = "pkrpwn-" + P["token"]
 V = P["victim_cwd"]
 attempt("list victim work", os.listdir, V)
 attempt("read victim file", read, V + "/victim.txt")
-attempt("read victim connection", read, P["victim_dir"] + "/connection.json")
+attempt("read victim connection", read, P["victim_conn"])
 attempt("write victim file", write, V + "/victim.txt")
 attempt("create in victim work", write, V + "/" + T)
 def via_symlink():
