@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import shutil
 import signal
 import tempfile
 import time
@@ -16,7 +19,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from pixell_kernel_runtime import __version__, metrics
+from pixell_kernel_runtime import __version__, bundled, metrics
 from pixell_kernel_runtime.agents import Agent, Agents
 from pixell_kernel_runtime.api import agents as agents_api
 from pixell_kernel_runtime.api import packages as packages_api
@@ -32,8 +35,6 @@ from pixell_kernel_runtime.sandbox.core import AUTO
 from pixell_kernel_runtime.sessions.manager import SessionManager
 
 log = logging.getLogger("pixell_kernel_runtime")
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _iso(ts: float) -> str:
@@ -53,7 +54,12 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = PackageStore(settings.store_dir, settings.archive)
+        # An operator's RUN_DIR is theirs: only what the runtime creates in it is removed.
+        self._own_run_dir = settings.run_dir is None
         self.run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="pkr-", dir="/tmp"))
+        if self._own_run_dir:
+            # Kernel uids pass through it to their own sockets (Landlock mode); never list it.
+            os.chmod(self.run_dir, 0o711)
         self.sandbox = Sandbox(
             mode=settings.sandbox_mode,
             config_path=settings.sandbox_config,
@@ -63,6 +69,7 @@ class Runtime:
             hidden_dirs=sorted({str(settings.state_dir), str(settings.store_dir)}),
             bwrap_path=_tool(settings.sandbox_bwrap),
             unshare_path=_tool(settings.sandbox_unshare),
+            subid_files=tuple(p for p in settings.sandbox_subid_files.split(":") if p),
         )
         self.sessions = SessionManager(settings, self.sandbox, self.run_dir)
         self.agents = Agents(self.store, self.sessions)
@@ -75,9 +82,13 @@ class Runtime:
         if self.settings.packages_dir is not None:
             await self._load_folder(self.settings.packages_dir, "packages_dir")
         if self.settings.examples:
-            examples = self.settings.examples_dir or (REPO_ROOT / "examples")
+            examples = self.settings.examples_dir or bundled.examples_dir()
+            if not examples.is_dir():
+                raise RuntimeError(f"--examples: no such folder: {examples}")
             out = self.settings.state_dir / "examples-build"
             built = await asyncio.to_thread(builder.build_all, examples, out)
+            if not built:
+                raise RuntimeError(f"--examples: no agent source (agent.yaml) in {examples}")
             for path in built:
                 await self._load_one(path, "examples")
 
@@ -102,6 +113,14 @@ class Runtime:
             await self.sessions.stop()
         finally:
             await asyncio.to_thread(self.sandbox.close)
+            await asyncio.to_thread(self._remove_run_dir)
+
+    def _remove_run_dir(self) -> None:
+        for sub in ("k", "w"):
+            with contextlib.suppress(OSError):
+                os.rmdir(self.run_dir / sub)
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     async def invoke(
         self, agent: Agent, input_: dict[str, Any], *, context: dict[str, Any], trace_id: str

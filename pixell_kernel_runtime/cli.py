@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import sys
@@ -67,9 +68,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--examples",
         action="store_true",
         default=None,
-        help="build and load the example agents in ./examples at start",
+        help="build and load the example agents at start (those shipped with the package,"
+        " or the ones in --examples-dir)",
     )
-    p.add_argument("--examples-dir", type=Path, help="folder of example agent sources")
+    p.add_argument(
+        "--examples-dir",
+        type=Path,
+        help="folder of example agent sources (default: pixell_kernel_runtime/examples, installed"
+        " with the package)",
+    )
     p.add_argument(
         "--run-dir", type=Path, help="short folder for kernel sockets (default /tmp/pkr-*)"
     )
@@ -134,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _console(url: str, session: str, extra: list[str]) -> int:
     """Look the session's connection file up over REST, then become `jupyter console`."""
+    # Said before anything reaches the server: restarting a stopped kernel for nothing helps no one.
+    if importlib.util.find_spec("jupyter_console") is None:
+        print(
+            "error: `console` needs jupyter-console, which is not installed:"
+            " pip install 'pixell-kernel-runtime[console]'",
+            file=sys.stderr,
+        )
+        return 1
     base = url.rstrip("/") + "/runtime/sessions/" + quote(session, safe="")
 
     def call(method: str, path: str = "") -> dict:

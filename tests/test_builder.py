@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pixell_kernel_runtime.bundled import examples_dir
 from pixell_kernel_runtime.packages.builder import build_apkg, main
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = examples_dir()
 HELLO = EXAMPLES / "hello-handler"
 PYAGENT = EXAMPLES / "pixell-python-agent"
 
