@@ -20,8 +20,11 @@ from urllib.parse import quote
 
 import pytest
 
+from pixell_kernel_runtime.bundled import examples_dir
+
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
+# The example agents are package data: the same folder `--examples` builds.
+EXAMPLES = examples_dir()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
@@ -125,18 +128,25 @@ class Server:
     """``python -m pixell_kernel_runtime`` as a child process, as a user would run it."""
 
     def __init__(
-        self, state_dir: Path, args: list[str] | None = None, env: dict[str, str] | None = None
+        self,
+        state_dir: Path,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        *,
+        inherit_env: bool = True,
     ) -> None:
         self.port = free_port()
         self.state_dir = state_dir
         self.args = args or []
         self.env = env or {}
+        # False: ``env`` is the server's whole environment (nothing of the test run's leaks in).
+        self.inherit_env = inherit_env
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = state_dir.parent / f"server-{self.port}.log"
         self.client = Client(self.port)
 
     def start(self, timeout: float = 60.0) -> Server:
-        env = {**os.environ, **self.env}
+        env = {**(os.environ if self.inherit_env else {}), **self.env}
         env.pop("PORT", None)
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
