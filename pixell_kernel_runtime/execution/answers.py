@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,33 +19,24 @@ class Fate:
 
 
 def user_expression(run: CellRun, name: str = "r") -> dict[str, Any]:
-    """The JSON document our kernel-side helper returned through user_expressions."""
+    """The JSON document our kernel-side helper returned through user_expressions.
+
+    Only its ``application/json`` (IPython's JSON formatter, fed by ``JSONPayload._repr_json_``)
+    is read. ``text/plain`` is whatever the kernel's code made a repr say: never parsed.
+    """
     entry = run.user_expressions.get(name)
     if not isinstance(entry, dict) or entry.get("status") != "ok":
         return {}
-    data = entry.get("data") or {}
-    doc = data.get("application/json")
-    if isinstance(doc, dict):
-        return doc
-    text = data.get("text/plain")
-    if isinstance(text, str):
-        for parse in (json.loads, ast.literal_eval):
-            try:
-                value = parse(text)
-            except (ValueError, SyntaxError):
-                continue
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except ValueError:
-                    continue
-            if isinstance(value, dict):
-                return value
-    return {}
+    doc = (entry.get("data") or {}).get("application/json")
+    return doc if isinstance(doc, dict) else {}
 
 
 def handler_pending(run: CellRun) -> bool:
-    """Did phase one of a handler call leave an awaitable to await (``HANDLER_EXPRESSIONS``)?"""
+    """Did phase one of a handler call leave an awaitable to await (``HANDLER_EXPRESSIONS``)?
+
+    The expression is a bool whose repr is compared, not parsed (the runner keeps only short
+    text/plain answers).
+    """
     if run.status != "ok":
         return False
     entry = run.user_expressions.get("pending")
@@ -113,6 +102,7 @@ def code_output(run: CellRun, fate: Fate, session_id: str, duration_ms: float) -
     out["session_restarted"] = fate.restarted_note is not None
     if run.truncated:
         out["truncated"] = True
+        out["truncation"] = run.truncation()
     if failure is not None:
         out.update(failure[1])
     return out
@@ -123,6 +113,9 @@ def handler_output(run: CellRun, fate: Fate) -> tuple[Any, dict[str, Any]]:
     meta: dict[str, Any] = {"stdout": run.stdout, "stderr": run.stderr}
     if run.outputs:
         meta["outputs"] = run.outputs
+    if run.truncated:
+        meta["truncated"] = True
+        meta["truncation"] = run.truncation()
     failure = _failure(run, fate)
     if failure is None:
         collected = user_expression(run)

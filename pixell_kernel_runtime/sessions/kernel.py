@@ -123,6 +123,8 @@ class SessionKernel:
             ip=self.dirs.ipc_prefix,
             connection_file=self.dirs.connection_file,
             shutdown_wait_time=2.0,
+            # Measures, caps and parses kernel messages off the event loop (hostile data).
+            client_class="pixell_kernel_runtime.execution.wire.BoundedKernelClient",
         )
         self.km.sandbox = sandbox
         self.km.sandbox_session = sandbox_session

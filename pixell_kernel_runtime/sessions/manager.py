@@ -425,10 +425,7 @@ class SessionManager:
             silent=True,
             user_expressions=COLLECT_EXPRESSION,
         )
-        run.stdout = first.stdout + run.stdout
-        run.stderr = first.stderr + run.stderr
-        run.outputs[:0] = first.outputs
-        run.truncated = run.truncated or first.truncated
+        run.prepend(first)
         return run, outcome
 
     # ---- session operations (the sessions API) -------------------------

@@ -1,0 +1,199 @@
+"""Kernel messages as hostile data: measured before parsing, big ones parsed off the loop.
+
+jupyter_client's channels ``json.loads`` every message on the event loop as it arrives. Here
+the channel takes the raw frames and measures them first. A message over ``MESSAGE_LIMIT``
+bytes, or that may hold more than ``MESSAGE_VALUES_LIMIT`` JSON values, is never parsed: the
+caller gets a stub with its (signed) header and parent header, its size and the reason, and
+``content = {}``. Messages over ``INLINE_BYTES`` are parsed in a worker thread; small ones
+inline, since a warm call is a few milliseconds and a thread hop would show in it.
+
+A thread is not enough by itself: ``json.loads`` holds the GIL for its whole run, so a 16 MiB
+``[{}, {}, ...]`` stalled the loop 1.4 s even from a thread. Its cost is in the number of
+values, not in bytes (a flat 16 MiB string parses in ~16 ms), hence the second limit, counted
+as an upper bound (every ``,`` ``[`` ``{``) with three ``bytes.count`` passes.
+
+Every message gets ``wire_bytes`` (the sum of its frames, buffers included) and
+``wire_values`` so that the runner's caps count whole messages.
+
+Use :class:`BoundedKernelClient` as the kernel manager's ``client_class``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from queue import Empty
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.channels import AsyncZMQSocketChannel
+from jupyter_client.session import Session
+from traitlets import Type
+
+log = logging.getLogger(__name__)
+
+# Above this a message is dropped unparsed (a legit one holds at most a big figure or page).
+MESSAGE_LIMIT = 8 * 1024 * 1024
+# ... or above this many JSON values: at most ~50 ms holding the GIL and ~20 MB of objects.
+MESSAGE_VALUES_LIMIT = 500_000
+# Up to this a message is parsed on the loop (what a warm call's messages weigh).
+INLINE_BYTES = 64 * 1024
+# A dropped message's header and parent header are read only up to this size each.
+HEADER_LIMIT = 64 * 1024
+_DELIM = b"<IDS|MSG>"
+# How many dropped or invalid messages a channel logs before it goes quiet about them.
+_LOGGED = 5
+
+# Parsing is GIL-bound, so two workers are plenty; ours, so file work elsewhere never waits.
+_PARSER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pixell-wire")
+
+Frame = zmq.Frame | bytes
+
+
+def _raw(frame: Frame) -> bytes:
+    return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
+
+
+def count_values(parts: list[bytes]) -> int:
+    """At least as many JSON values as the parts can hold once parsed (strings count too)."""
+    return sum(p.count(b",") + p.count(b"[") + p.count(b"{") for p in parts)
+
+
+def _split(frames: list[Frame]) -> list[Frame]:
+    """The message parts after the routing identities (jupyter_client's feed_identities,
+    without copying every frame to compare it)."""
+    for i, frame in enumerate(frames):
+        if len(frame) == len(_DELIM) and _raw(frame) == _DELIM:
+            parts = frames[i + 1 :]
+            if len(parts) < 5:
+                raise ValueError(f"malformed message: {len(parts)} parts after the delimiter")
+            return parts
+    raise ValueError("malformed message: no delimiter")
+
+
+def _verify(session: Session, parts: list[Frame]) -> None:
+    """The signature check of ``Session.deserialize``, for a message that is not parsed."""
+    if session.auth is None:
+        return
+    signature = _raw(parts[0])
+    if not signature:
+        raise ValueError("unsigned message")
+    if signature in session.digest_history:
+        raise ValueError("duplicate signature")
+    session._add_digest(signature)
+    if not hmac.compare_digest(signature, session.sign(parts[1:5])):
+        raise ValueError("invalid signature")
+
+
+def _small_dict(session: Session, frame: Frame) -> dict[str, Any]:
+    if len(frame) > HEADER_LIMIT:
+        return {}
+    value = session.unpack(_raw(frame))
+    return value if isinstance(value, dict) else {}
+
+
+def _stub(header: dict[str, Any], parent: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    msg_type = header.get("msg_type")
+    return {
+        "header": header,
+        "msg_id": header.get("msg_id"),
+        "msg_type": msg_type if isinstance(msg_type, str) else "",
+        "parent_header": parent,
+        "metadata": {},
+        "content": {},
+        "buffers": [],
+        **extra,
+    }
+
+
+def parse(session: Session, frames: list[Frame]) -> dict[str, Any]:
+    """One received message as jupyter_client's dict, or a stub; never raises.
+
+    A stub carries ``dropped`` (a reason: too big, too many values) with the verified header
+    and parent header, or ``invalid`` (malformed, bad signature) with empty headers.
+    """
+    wire = sum(len(frame) for frame in frames)
+    try:
+        parts = _split(frames)
+        if wire > MESSAGE_LIMIT:
+            _verify(session, parts)
+            reason = f"{wire} bytes, over the {MESSAGE_LIMIT}-byte message limit"
+            return _stub(
+                _small_dict(session, parts[1]),
+                _small_dict(session, parts[2]),
+                wire_bytes=wire,
+                wire_values=None,
+                dropped=reason,
+            )
+        head = [_raw(p) for p in parts[:5]]
+        values = count_values(head[1:])
+        if values > MESSAGE_VALUES_LIMIT:
+            _verify(session, parts)
+            reason = f"up to {values} JSON values, over the {MESSAGE_VALUES_LIMIT}-value limit"
+            return _stub(
+                _small_dict(session, head[1]),
+                _small_dict(session, head[2]),
+                wire_bytes=wire,
+                wire_values=values,
+                dropped=reason,
+            )
+        msg = session.deserialize([*head, *parts[5:]], copy=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the kernel sent, the caller gets a dict
+        return _stub({}, {}, wire_bytes=wire, wire_values=None, invalid=f"{exc}"[:200])
+    msg["wire_bytes"] = wire
+    msg["wire_values"] = values
+    return msg
+
+
+class BoundedChannel(AsyncZMQSocketChannel):
+    """A channel whose messages are measured first and parsed by :func:`parse`."""
+
+    def __init__(self, socket: zmq.asyncio.Socket, session: Session, loop: Any = None) -> None:
+        super().__init__(socket, session, loop)
+        # A big message's parse, kept when the waiter was cancelled so it is not lost.
+        self._pending: asyncio.Future[dict[str, Any]] | None = None
+        self._complaints = 0
+
+    async def get_msg(self, timeout: float | None = None) -> dict[str, Any]:  # type: ignore[override]
+        assert self.socket is not None
+        if self._pending is None:
+            timeout_ms = None if timeout is None else int(timeout * 1000)
+            if not await self.socket.poll(timeout_ms):
+                raise Empty
+            frames = await self.socket.recv_multipart(copy=False)
+            if sum(len(frame) for frame in frames) <= INLINE_BYTES:
+                return self._checked(parse(self.session, frames))
+            loop = asyncio.get_running_loop()
+            self._pending = loop.run_in_executor(_PARSER, parse, self.session, frames)
+        pending = self._pending
+        try:
+            msg = await asyncio.shield(pending)
+        finally:
+            if pending.done():
+                self._pending = None
+        return self._checked(msg)
+
+    async def msg_ready(self) -> bool:  # type: ignore[override]
+        return self._pending is not None or await super().msg_ready()
+
+    def _checked(self, msg: dict[str, Any]) -> dict[str, Any]:
+        reason = msg.get("invalid") or msg.get("dropped")
+        if reason:
+            self._complaints += 1
+            if self._complaints <= _LOGGED:
+                kind = "invalid" if "invalid" in msg else f"{msg['msg_type'] or 'unknown'}"
+                log.warning("kernel message (%s) dropped unparsed: %s", kind, reason)
+        return msg
+
+
+class BoundedKernelClient(AsyncKernelClient):
+    """An AsyncKernelClient whose every channel reads messages through :func:`parse`."""
+
+    shell_channel_class = Type(BoundedChannel)  # type: ignore[assignment]
+    iopub_channel_class = Type(BoundedChannel)  # type: ignore[assignment]
+    stdin_channel_class = Type(BoundedChannel)  # type: ignore[assignment]
+    control_channel_class = Type(BoundedChannel)  # type: ignore[assignment]
