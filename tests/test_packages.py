@@ -3,7 +3,10 @@
 Every archive is sent to ``python -m pixell_kernel_runtime serve`` over HTTP, by path
 (``POST /runtime/packages/load``) and by multipart upload (``POST /runtime/packages/upload``).
 Archives come from the tests (``make_apkg``), the runtime's own builder, the real ``pixell``
-CLI (pixell-kit) and hand-made imitations of the other producers in /work/shared/spec/apkg.md.
+CLIs of pixell-kit 0.4.12 and pixell-sdk 0.5.4, and hand-zipped packages for the producers
+that have no tool: old kits, hand-made packages and the original runtime's own test packages
+(``runtime: {python: ...}``, top-level ``exports``), which neither CLI accepts.
+docs/apkg-format.md describes every variant.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import shutil
 import stat
 import struct
 import subprocess
+import sys
+import sysconfig
 import tarfile
 import threading
 import uuid
@@ -27,7 +32,16 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import EXAMPLES, Client, Server, make_apkg, manifest_yaml
+from conftest import (
+    EXAMPLES,
+    Client,
+    Server,
+    make_apkg,
+    manifest_yaml,
+    minimal_env,
+    stop_all,
+    wait_for,
+)
 
 MAIN_PY = "def handler(data):\n    return {'echo': data}\n"
 SUB_AGENTS_PY = "def alpha(data):\n    return {'a': 1}\n\n\ndef beta(data):\n    return {'b': 2}\n"
@@ -62,17 +76,6 @@ def snapshot(root: Path) -> set[str]:
     return out
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def assert_no_work_left(server: Server) -> None:
     """The store's work-in-progress folders are empty (an upload cleans up as it answers)."""
     for sub in (".staging", ".incoming"):
@@ -88,15 +91,15 @@ def send(client: Client, how: str, apkg: Path, sha256: str | None = None) -> Any
     return client.upload("/runtime/packages/upload", apkg, fields)
 
 
-def assert_loaded(resp: Any, package_id: str, agents: list[str], result: str | None = None) -> dict:
+def assert_loaded(resp: Any, package_id: str, agents: list[str], result: str) -> dict:
+    """A load or upload that succeeded with ``result`` (installed, replaced or unchanged)."""
     assert resp.status == 200, resp
     body = resp.json()
     assert body["status"] == "success"
     assert body["package_id"] == package_id
     assert sorted(body["agents"]) == sorted(f"{package_id}/{a}" for a in agents)
     assert len(body["sha256"]) == 64
-    if result is not None:
-        assert body["result"] == result
+    assert body["result"] == result, body
     return body
 
 
@@ -139,15 +142,57 @@ def unix_info(name: str, mode: int) -> zipfile.ZipInfo:
     return info
 
 
+def invoke_output(client: Client, agent_id: str, input_: dict[str, Any]) -> Any:
+    """Invoke ``agent_id`` and return its ``output``, which must be a success."""
+    resp = client.invoke(agent_id, input_)
+    assert resp.status == 200, resp
+    body = resp.json()
+    assert body["agent_id"] == agent_id, body
+    assert body["metadata"].get("error") is not True, body
+    return body["output"]
+
+
+def package_ids(server: Server) -> set[str]:
+    resp = server.client.get("/runtime/packages")
+    assert resp.status == 200, resp
+    return {p["id"] for p in resp.json()["packages"]}
+
+
+def assert_absent(server: Server, package_id: str) -> None:
+    resp = server.client.get(f"/runtime/packages/{package_id}")
+    assert resp.status == 404, resp
+    assert resp.json()["message"] == f"Package not found: {package_id}"
+
+
 # ---- servers ---------------------------------------------------------------------------------
+
+
+def server_env(base: Path) -> dict[str, str]:
+    """A server's whole environment: nothing of the developer's (PACKAGE_CACHE_DIR, RUN_DIR,
+    SANDBOX_*...) leaks in, and its home and run dir are temp dirs of its own."""
+    return {**minimal_env(base / "home"), "RUN_DIR": str(base / "run")}
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server with default limits, shared by the tests of this module that allow it."""
-    server = Server(tmp_path_factory.mktemp("pkgsrv") / "state").start()
-    yield server
-    server.stop()
+    # The home and run dirs sit outside the state dir's parent, which refusals snapshot.
+    env = server_env(tmp_path_factory.mktemp("pkgsrv-env"))
+    server = Server(tmp_path_factory.mktemp("pkgsrv") / "state", env=env, inherit_env=False)
+    try:
+        yield server.start()
+    finally:
+        stop_all([server])
+
+
+@pytest.fixture
+def clean(srv: Server) -> Iterator[Server]:
+    """``srv``, left as the test found it: every package the test added is unloaded after it."""
+    before = package_ids(srv)
+    yield srv
+    for package_id in sorted(package_ids(srv) - before):
+        resp = srv.client.delete(f"/runtime/packages/{package_id}")
+        assert resp.status == 200, resp
 
 
 LIMITS = {
@@ -161,9 +206,12 @@ LIMITS = {
 @pytest.fixture(scope="module")
 def small_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server started with small archive caps through the environment."""
-    server = Server(tmp_path_factory.mktemp("smallsrv") / "state", env=LIMITS).start()
-    yield server
-    server.stop()
+    env = {**server_env(tmp_path_factory.mktemp("smallsrv-env")), **LIMITS}
+    server = Server(tmp_path_factory.mktemp("smallsrv") / "state", env=env, inherit_env=False)
+    try:
+        yield server.start()
+    finally:
+        stop_all([server])
 
 
 # ---- accepted packages -----------------------------------------------------------------------
@@ -203,10 +251,11 @@ def test_minimal_package_loads_and_is_listed(srv: Server, tmp_path: Path, how: s
 
 @pytest.mark.parametrize("how", ["load", "upload"])
 def test_example_packages_built_by_the_builder_load(
-    srv: Server, example_apkgs: dict[str, Path], how: str
+    clean: Server, example_apkgs: dict[str, Path], how: str
 ) -> None:
-    srv.client.delete("/runtime/packages/hello-handler@0.1.0")
-    srv.client.delete("/runtime/packages/pixell-python-agent@0.1.0")
+    srv = clean
+    assert_absent(srv, "hello-handler@0.1.0")
+    assert_absent(srv, "pixell-python-agent@0.1.0")
     assert_loaded(
         send(srv.client, how, example_apkgs["hello-handler"]),
         "hello-handler@0.1.0",
@@ -229,49 +278,140 @@ def test_example_packages_built_by_the_builder_load(
     assert detail["handler"] == "src.main:count"
 
 
-def _kit_build(src: Path, tmp_path: Path) -> Path:
-    pixell = shutil.which("pixell")
-    assert pixell, "the pixell CLI (pixell-kit 0.4.12, a test dependency) must be on PATH"
-    work = tmp_path / "kit" / src.name
-    shutil.copytree(src, work, ignore=shutil.ignore_patterns("__pycache__"))
-    (work / ".env").touch()  # the kit refuses to build without one
-    out = tmp_path / "kit-out" / src.name
+# ---- the real packaging CLIs -------------------------------------------------------------------
+
+# pixell-sdk ships the same import package (`pixell`) and the same `pixell` command as
+# pixell-kit, so installing both into one environment overwrites one with the other (77 files
+# in common). The kit is a test dependency (pyproject's `test` extra); the sdk gets a venv.
+PIXELL_SDK = "pixell-sdk==0.5.4"
+
+
+def _cli_env(home: Path) -> dict[str, str]:
+    home.mkdir(parents=True, exist_ok=True)
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
+
+
+def _pip_env() -> dict[str, str]:
+    # pip keeps its index settings and cache; nothing may point Python at the checkout.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def _cli_version(cli: Path, home: Path) -> str:
+    done = subprocess.run(
+        [str(cli), "--version"], capture_output=True, text=True, timeout=60, env=_cli_env(home)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def kit_cli(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `pixell` command of pixell-kit 0.4.12, installed beside this interpreter."""
+    cli = Path(sysconfig.get_path("scripts")) / "pixell"
+    assert cli.is_file(), f"{cli} missing: install the test extra (pixell-kit==0.4.12)"
+    home = tmp_path_factory.mktemp("kit-home")
+    # Another producer's `pixell` installed over the kit's would build other archives.
+    assert _cli_version(cli, home) == "pixell, version 0.4.12"
+    return cli
+
+
+@pytest.fixture(scope="module")
+def sdk_cli(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `pixell` command of the real pixell-sdk 0.5.4 from PyPI, in a venv of its own."""
+    base = tmp_path_factory.mktemp("pixell-sdk")
+    venv = base / "venv"
+    for argv in (
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", PIXELL_SDK],
+    ):
+        done = subprocess.run(
+            argv, cwd=base, env=_pip_env(), capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, f"{argv}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    cli = venv / "bin" / "pixell"
+    assert _cli_version(cli, base / "home") == "pixell, version 0.5.4"
+    where = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m, pixell\n"
+            "print(m.version('pixell-sdk'), pixell.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_cli_env(base / "home"),
+    )
+    version, module = where.stdout.split()
+    assert version == "0.5.4" and Path(module).is_relative_to(venv), where.stdout + where.stderr
+    return cli
+
+
+def _pixell_build(cli: Path, src: Path, work: Path) -> Path:
+    """``pixell build`` of a copy of ``src`` (the CLIs write into it), as their users run it."""
+    project = work / "src" / src.name
+    shutil.copytree(src, project, ignore=shutil.ignore_patterns("__pycache__"))
+    (project / ".env").touch()  # both CLIs refuse to build without one
+    out = work / "out"
     proc = subprocess.run(
-        [pixell, "build", "-p", str(work), "-o", str(out)],
+        [str(cli), "build", "-p", str(project), "-o", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=work,
+        env=_cli_env(work / "home"),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    built = list(out.glob("*.apkg"))
+    built = sorted(out.glob("*.apkg"))
     assert len(built) == 1, built
     return built[0]
 
 
+def _names(apkg: Path) -> set[str]:
+    with zipfile.ZipFile(apkg) as zf:
+        return set(zf.namelist())
+
+
+def _archived_yaml(apkg: Path, name: str = "agent.yaml") -> Any:
+    with zipfile.ZipFile(apkg) as zf:
+        return yaml.safe_load(zf.read(name))
+
+
 @pytest.mark.parametrize("how", ["load", "upload"])
-def test_packages_built_by_the_real_pixell_kit_load(srv: Server, tmp_path: Path, how: str) -> None:
-    srv.client.delete("/runtime/packages/hello-handler@0.1.0")
-    srv.client.delete("/runtime/packages/pixell-python-agent@0.1.0")
-    hello = _kit_build(EXAMPLES / "hello-handler", tmp_path)
-    with zipfile.ZipFile(hello) as zf:
-        names = set(zf.namelist())
-    # What makes it a kit build: its metadata, a generated setup.py, directory entries.
-    assert {".pixell/package.json", "setup.py", "agent.yaml", "src/main.py"} <= names
-    assert "src/" in names
+def test_packages_built_by_the_real_pixell_kit_load_and_run(
+    clean: Server, kit_cli: Path, tmp_path: Path, how: str
+) -> None:
+    srv = clean
+    assert_absent(srv, "hello-handler@0.1.0")
+    assert_absent(srv, "pixell-python-agent@0.1.0")
+    hello = _pixell_build(kit_cli, EXAMPLES / "hello-handler", tmp_path / "hello")
+    # What makes it a kit build: its metadata, a generated setup.py, directory entries, dist/.
+    assert {".pixell/package.json", "setup.py", "agent.yaml", "src/main.py"} <= _names(hello)
+    assert {"src/", "dist/"} <= _names(hello)
+    # The kit copies agent.yaml verbatim: the sub-agents survive.
+    assert len(_archived_yaml(hello)["metadata"]["sub_agents"]) == 3
 
     body = assert_loaded(
-        send(srv.client, how, hello), "hello-handler@0.1.0", ["greet", "count", "echo-async"]
+        send(srv.client, how, hello),
+        "hello-handler@0.1.0",
+        ["greet", "count", "echo-async"],
+        "installed",
     )
     assert body["sha256"] == sha256_of(hello)
     detail = srv.client.get("/runtime/packages/hello-handler@0.1.0").json()
     assert detail["manifest"]["producer"] == "pixell-kit"
     assert detail["manifest"]["runtime"] == "python3.11"
+    output = invoke_output(srv.client, "hello-handler@0.1.0/greet", {"name": "Kit"})
+    assert output == {"greeting": "Hello, Kit!"}
 
-    pyagent = _kit_build(EXAMPLES / "pixell-python-agent", tmp_path)
+    pyagent = _pixell_build(kit_cli, EXAMPLES / "pixell-python-agent", tmp_path / "py")
     assert_loaded(
         send(srv.client, how, pyagent),
         "pixell-python-agent@0.1.0",
         ["code-executor", "stream-executor", "data-analyzer", "ml-runner"],
+        "installed",
     )
     private = {
         a["name"]: a["private"]
@@ -287,51 +427,123 @@ def test_packages_built_by_the_real_pixell_kit_load(srv: Server, tmp_path: Path,
     assert_no_work_left(srv)
 
 
-def _sdk_054(path: Path) -> Path:
-    """pixell-sdk 0.5.4: directory entries, surfaces copied to the root, sub_agents lost."""
-    manifest = {
-        "version": "1.0",
-        "name": "sdk-agent",
-        "display_name": "SDK Agent",
-        "description": "built by pixell-sdk 0.5.4",
-        "author": "someone",
-        "license": "MIT",
-        "entrypoint": "src.main:handler",
-        "runtime": "python3.11",
-        "capabilities": ["greeting"],
-        "environment": {"GREETING": "${GREETING:-hello}"},
-        "metadata": {"version": "2.1.0", "author_email": "a@example.com"},
-        "rest": {"entry": "src.rest.index:mount"},
-        "ui": {"path": "ui", "basePath": "/"},
-        "http_server": {"port": 8080},
-        "permissions": ["network"],
-        "plan_mode": {"enabled": False},
+SDK_AGENT_YAML = """\
+name: sdk-agent
+display_name: SDK Agent
+description: built by pixell-sdk 0.5.4
+author: tests
+license: MIT
+entrypoint: src.main:handler
+runtime: python3.11
+capabilities: [greeting]
+environment:
+  GREETING: ${GREETING:-hello}
+metadata:
+  version: 2.1.0
+  author_email: tests@example.com
+  sub_agents:
+    - {name: lost, description: the sdk drops sub-agents, endpoint: "src.main:handler"}
+rest:
+  entry: src.rest.index:mount
+ui:
+  path: ui
+http_server: src.main:app
+permissions:
+  required: [user.profile]
+plan_mode:
+  supported: false
+"""
+SDK_MAIN_PY = """\
+import os
+
+app = None  # the sdk's http_server entry; the runtime calls the entrypoint instead
+
+
+def handler(request):
+    return {"greeting": f"{os.environ['GREETING']}, {request.get('name', 'world')}!"}
+"""
+
+
+def _sdk_project(root: Path) -> Path:
+    """An agent project written for pixell-sdk 0.5.4, with a REST and a UI surface."""
+    for name, text in {
+        "agent.yaml": SDK_AGENT_YAML,
+        ".env": "GREETING='hi there'\n# a comment\n",
+        "requirements.txt": "",
+        "src/__init__.py": "",
+        "src/main.py": SDK_MAIN_PY,
+        "src/rest/__init__.py": "",
+        "src/rest/index.py": "def mount(app):\n    return app\n",
+        "ui/index.html": "<html></html>\n",
+    }.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("how", ["load", "upload"])
+def test_packages_built_by_the_real_pixell_sdk_load_and_run(
+    clean: Server, sdk_cli: Path, tmp_path: Path, how: str
+) -> None:
+    srv = clean
+    for package_id in ("sdk-agent@2.1.0", "hello-handler@0.1.0", "pixell-python-agent@0.1.0"):
+        assert_absent(srv, package_id)
+
+    sdk = _pixell_build(sdk_cli, _sdk_project(tmp_path / "sdk-agent"), tmp_path / "sdk")
+    assert sdk.name == "sdk-agent-2.1.0.apkg"
+    names = _names(sdk)
+    # What makes it an sdk build: directory entries, the REST entry copied to the root by its
+    # basename, the UI folder kept where it was, no dist/.
+    assert {"src/", "src/rest/", "ui/", ".pixell/"} <= names
+    assert {"index.py", "ui/index.html", "setup.py", "deploy.json", ".env"} <= names
+    assert not any(n.startswith("dist/") for n in names)
+    manifest = _archived_yaml(sdk)
+    # agent.yaml is re-serialised: sub-agents lost, the agent version copied to the top level.
+    assert manifest["metadata"] == {
+        "version": "2.1.0",
+        "tags": [],
+        "author_email": "tests@example.com",
     }
-    package_json = {
-        "format_version": "1.0",
-        "created_by": "pixell-sdk",
-        "created_at": "2025-01-01T00:00:00Z",
-        "manifest": manifest,
-    }
-    dirs = ["src/", "src/rest/", ".pixell/", "ui/"]
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for d in dirs:
-            zf.writestr(unix_info(d, stat.S_IFDIR | 0o755), b"")
-        for name, data in {
-            "agent.yaml": yaml.safe_dump(manifest, sort_keys=True),
-            ".pixell/package.json": json.dumps(package_json),
-            ".env": "GREETING='hi there'\n# a comment\n",
-            "requirements.txt": "",
-            "src/__init__.py": "",
-            "src/main.py": MAIN_PY,
-            "src/rest/__init__.py": "",
-            "src/rest/index.py": "def mount(app):\n    pass\n",
-            "index.py": "def mount(app):\n    pass\n",  # a surface copied to the root
-            "ui/index.html": "<html></html>",
-            "index.html": "<html></html>",
-        }.items():
-            zf.writestr(unix_info(name, stat.S_IFREG | 0o644), data)
-    return path
+    assert manifest["version"] == "2.1.0"
+    with zipfile.ZipFile(sdk) as zf:
+        assert json.loads(zf.read(".pixell/package.json"))["created_by"] == "pixell-kit"
+
+    assert_loaded(send(srv.client, how, sdk), "sdk-agent@2.1.0", ["default"], "installed")
+    detail = srv.client.get("/runtime/packages/sdk-agent@2.1.0").json()
+    assert detail["manifest"]["producer"] == "pixell-sdk"
+    assert detail["manifest"]["exports"][0]["handler"] == "src.main:handler"
+    assert detail["manifest"]["environment_keys"] == ["GREETING"]
+    agent = srv.client.get("/runtime/agents/sdk-agent@2.1.0/default").json()
+    assert agent["description"] == "built by pixell-sdk 0.5.4"
+    assert agent["kind"] == "handler" and agent["capabilities"] == ["greeting"]
+    # The entrypoint runs in the session's kernel, with .env expanded into the environment.
+    output = invoke_output(srv.client, "sdk-agent@2.1.0/default", {"name": "Ada"})
+    assert output == {"greeting": "hi there, Ada!"}
+
+    # The examples built by the sdk lose their sub-agents: one default export each.
+    hello = _pixell_build(sdk_cli, EXAMPLES / "hello-handler", tmp_path / "hello")
+    assert_loaded(send(srv.client, how, hello), "hello-handler@0.1.0", ["default"], "installed")
+    output = invoke_output(
+        srv.client, "hello-handler@0.1.0/default", {"action": "greet", "data": {"name": "Sdk"}}
+    )
+    assert output == {"status": "success", "data": {"greeting": "Hello, Sdk!"}, "error": None}
+
+    pyagent = _pixell_build(sdk_cli, EXAMPLES / "pixell-python-agent", tmp_path / "py")
+    assert_loaded(
+        send(srv.client, how, pyagent), "pixell-python-agent@0.1.0", ["default"], "installed"
+    )
+    agent = srv.client.get("/runtime/agents/pixell-python-agent@0.1.0/default").json()
+    assert agent["kind"] == "code-executor"
+    first = invoke_output(srv.client, "pixell-python-agent@0.1.0/default", {"code": "x = 21"})
+    assert first["status"] == "success"
+    second = invoke_output(
+        srv.client, "pixell-python-agent@0.1.0/default", {"code": "result = x * 2"}
+    )
+    assert second["status"] == "success" and second["result"] == 42
+    assert_no_work_left(srv)
+
+
+# ---- producers with no tool: hand-zipped ---------------------------------------------------------
 
 
 def _old_kit(path: Path) -> Path:
@@ -373,23 +585,10 @@ def _hand_zipped(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("how", ["load", "upload"])
-def test_other_producers_load(srv: Server, tmp_path: Path, how: str) -> None:
-    for pid in ("sdk-agent@2.1.0", "old-kit-agent@0.0.9", "hand-agent@0.3.0"):
-        srv.client.delete(f"/runtime/packages/{pid}")
-
-    sdk = _sdk_054(tmp_path / "sdk-agent-2.1.0.apkg")
-    assert_loaded(send(srv.client, how, sdk), "sdk-agent@2.1.0", ["default"], "installed")
-    detail = srv.client.get("/runtime/packages/sdk-agent@2.1.0").json()
-    assert detail["manifest"]["producer"] == "pixell-sdk"
-    assert detail["manifest"]["exports"][0]["handler"] == "src.main:handler"
-    assert detail["manifest"]["environment_keys"] == ["GREETING"]
-    agent = srv.client.get("/runtime/agents/sdk-agent@2.1.0/default").json()
-    assert agent["description"] == "built by pixell-sdk 0.5.4"
-    assert agent["capabilities"] == ["greeting"]
-    assert (store_dir(srv) / "objects" / sha256_of(sdk) / "pkg" / "src" / "rest").is_dir()
-
+def test_other_producers_load_and_run(clean: Server, tmp_path: Path, how: str) -> None:
+    srv = clean
     old = _old_kit(tmp_path / "old-kit-agent-0.0.9.apkg")
-    assert_loaded(send(srv.client, how, old), "old-kit-agent@0.0.9", ["alpha", "beta"])
+    assert_loaded(send(srv.client, how, old), "old-kit-agent@0.0.9", ["alpha", "beta"], "installed")
     agents = {
         a["name"]: a
         for a in srv.client.get("/runtime/agents").json()["agents"]
@@ -398,15 +597,128 @@ def test_other_producers_load(srv: Server, tmp_path: Path, how: str) -> None:
     assert agents["alpha"]["private"] is False and agents["beta"]["private"] is True
     beta = srv.client.get("/runtime/agents/old-kit-agent@0.0.9/beta").json()
     assert beta["handler"] == "src.main:handler" and beta["endpoint"] == "/beta"
+    assert invoke_output(srv.client, "old-kit-agent@0.0.9/alpha", {}) == {"a": 1}
 
     hand = _hand_zipped(tmp_path / "hand-agent-0.3.0.apkg")
-    assert_loaded(send(srv.client, how, hand), "hand-agent@0.3.0", ["alpha", "beta"])
+    assert_loaded(send(srv.client, how, hand), "hand-agent@0.3.0", ["alpha", "beta"], "installed")
     detail = srv.client.get("/runtime/packages/hand-agent@0.3.0").json()
     assert detail["manifest"]["producer"] == "hand-made"
     assert detail["manifest"]["display_name"] == "hand-agent"
     alpha = srv.client.get("/runtime/agents/hand-agent@0.3.0/alpha").json()
     assert alpha["handler"] == "main:alpha"
+    assert invoke_output(srv.client, "hand-agent@0.3.0/beta", {}) == {"b": 2}
     assert_no_work_left(srv)
+
+
+# The original runtime's own test packages (its supervisor tests zipped them by hand): runtime
+# as a mapping, top-level exports with dotted handlers, a flat agent.py, an async handler.
+ORIGINAL_AGENT_YAML = """
+name: original-agent
+version: 1.0.0
+description: Test agent for Multi-PAR
+runtime:
+  python: ">=3.8"
+exports:
+  - name: hello
+    type: function
+    handler: agent.hello
+  - name: shout
+    type: function
+    handler: "agent:shout"
+  - name: reverse
+    handler: tools.text.reverse
+"""
+ORIGINAL_AGENT_PY = """
+async def hello(request):
+    return {"message": "Hello from test agent!", "request": request}
+
+
+def shout(request):
+    return {"shout": request["text"].upper()}
+"""
+ORIGINAL_TOOLS_PY = "def reverse(request):\n    return {'reversed': request['text'][::-1]}\n"
+
+
+def _original_runtime(path: Path, manifest: str = ORIGINAL_AGENT_YAML) -> Path:
+    return make_apkg(
+        path,
+        {
+            "agent.yaml": manifest,
+            "agent.py": ORIGINAL_AGENT_PY,
+            "tools/__init__.py": "",
+            "tools/text.py": ORIGINAL_TOOLS_PY,
+        },
+    )
+
+
+@pytest.mark.parametrize("how", ["load", "upload"])
+def test_original_runtime_packages_load_and_run(clean: Server, tmp_path: Path, how: str) -> None:
+    srv = clean
+    apkg = _original_runtime(tmp_path / "original-agent-1.0.0.apkg")
+    body = assert_loaded(
+        send(srv.client, how, apkg),
+        "original-agent@1.0.0",
+        ["hello", "shout", "reverse"],
+        "installed",
+    )
+    assert body["warnings"] == []
+    manifest = srv.client.get("/runtime/packages/original-agent@1.0.0").json()["manifest"]
+    assert manifest["runtime"] == "python>=3.8"
+    assert manifest["producer"] == "hand-made"
+    assert {e["name"]: (e["kind"], e["handler"]) for e in manifest["exports"]} == {
+        "hello": ("handler", "agent:hello"),
+        "shout": ("handler", "agent:shout"),
+        "reverse": ("handler", "tools.text:reverse"),
+    }
+    request = {"text": "Ada", "session_id": "original"}
+    assert invoke_output(srv.client, "original-agent@1.0.0/hello", request) == {
+        "message": "Hello from test agent!",
+        "request": request,
+    }
+    assert invoke_output(srv.client, "original-agent@1.0.0/shout", request) == {"shout": "ADA"}
+    assert invoke_output(srv.client, "original-agent@1.0.0/reverse", request) == {"reversed": "adA"}
+    assert_no_work_left(srv)
+
+
+def test_runtime_mapping_with_other_languages_loads_with_a_warning(
+    clean: Server, tmp_path: Path
+) -> None:
+    doc = "name: polyglot-agent\nversion: 1.0.0\nruntime: {python: '3.11', node: '18'}\n"
+    doc += "exports:\n  - {name: shout, type: function, handler: agent.shout}\n"
+    body = assert_loaded(
+        clean.client.load(_original_runtime(tmp_path / "polyglot.apkg", doc)),
+        "polyglot-agent@1.0.0",
+        ["shout"],
+        "installed",
+    )
+    assert body["warnings"] == ["runtime entries other than python ignored: node"]
+    detail = clean.client.get("/runtime/packages/polyglot-agent@1.0.0").json()
+    assert detail["manifest"]["runtime"] == "python3.11"
+    assert detail["warnings"] == body["warnings"]
+
+
+def test_neither_cli_builds_the_original_runtime_manifest(
+    kit_cli: Path, sdk_cli: Path, tmp_path: Path
+) -> None:
+    """Why the original runtime's packages are hand-zipped here: no producer accepts them."""
+    project = tmp_path / "original-agent"
+    project.mkdir()
+    (project / "agent.yaml").write_text(ORIGINAL_AGENT_YAML)
+    (project / "agent.py").write_text(ORIGINAL_AGENT_PY)
+    (project / ".env").touch()
+    for cli in (kit_cli, sdk_cli):
+        proc = subprocess.run(
+            [str(cli), "build", "-p", str(project), "-o", str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_cli_env(tmp_path / "home"),
+        )
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == 1, said
+        assert "runtime - Input should be a valid string" in said, said
+        assert "exports - Extra inputs are not permitted" in said, said
+    assert not (tmp_path / "out").exists()
 
 
 # ---- refusals ----------------------------------------------------------------------------------
@@ -564,6 +876,81 @@ REFUSALS: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
         ),
         ("metadata.sub_agents[1]", "helpers.tools", "missing"),
     ),
+    # The original runtime's forms, wrong: a non-Python runtime mapping, a runtime of another
+    # shape, an export type other than function, a dotted handler whose module is missing.
+    "runtime-mapping-node": (
+        lambda p: _original_runtime(
+            p, ORIGINAL_AGENT_YAML.replace('python: ">=3.8"', 'node: "18"')
+        ),
+        ("runtime", "node", "only Python agents run here"),
+    ),
+    "runtime-list": (
+        lambda p: _zip_with(p, {**_GOOD, "agent.yaml": manifest_yaml(runtime=["python"])}, []),
+        ("runtime", "a string (python3.11) or a mapping", "list"),
+    ),
+    "runtime-mapping-bad-version": (
+        lambda p: _zip_with(
+            p, {**_GOOD, "agent.yaml": manifest_yaml(runtime={"python": [3, 8]})}, []
+        ),
+        ("runtime.python", "'>=3.8'", "list"),
+    ),
+    "export-type-class": (
+        lambda p: _original_runtime(
+            p,
+            ORIGINAL_AGENT_YAML.replace(
+                "type: function\n    handler: agent.hello", "type: class\n    handler: agent.hello"
+            ),
+        ),
+        ("exports[0].type", "'class'", "only 'function'"),
+    ),
+    "export-dotted-module-missing": (
+        lambda p: _original_runtime(
+            p, ORIGINAL_AGENT_YAML.replace("tools.text.reverse", "tools.missing.reverse")
+        ),
+        ("exports[2].handler", "tools.missing", "tools/missing.py", "missing"),
+    ),
+}
+
+
+# The stable machine code of each refusal (the envelope's ``code``), by what it refuses.
+REFUSAL_CODES: dict[str, str] = {
+    **dict.fromkeys(["not-a-zip", "empty-file", "tar-gz", "bad-local-header-name"], "not_a_zip"),
+    **dict.fromkeys(
+        [
+            "absolute-entry",
+            "dotdot-entry",
+            "backslash-entry",
+            "symlink-entry",
+            "fifo-entry",
+            "chardev-entry",
+            "long-entry-name",
+            "long-entry-path",
+            "patched-data-flag",
+        ],
+        "unsafe_entry",
+    ),
+    "duplicate-entry": "duplicate_entry",
+    "missing-agent-yaml": "missing_manifest",
+    **dict.fromkeys(
+        [
+            "non-utf8-yaml",
+            "yaml-list",
+            "yaml-unparsable",
+            "yaml-python-tag",
+            "name-dotdot",
+            "name-absolute",
+            "version-dotdot",
+            "runtime-list",
+            "runtime-mapping-bad-version",
+        ],
+        "invalid_manifest",
+    ),
+    **dict.fromkeys(["runtime-node", "runtime-mapping-node"], "unsupported_runtime"),
+    "export-type-class": "unsupported_export",
+    **dict.fromkeys(
+        ["entrypoint-module-missing", "sub-agent-module-missing", "export-dotted-module-missing"],
+        "missing_module",
+    ),
 }
 
 
@@ -571,7 +958,11 @@ REFUSALS: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
 def test_refusals_answer_400_and_leave_nothing(srv: Server, tmp_path: Path, case: str) -> None:
     build, needles = REFUSALS[case]
     apkg = build(tmp_path / f"{case}.apkg")
-    assert_refused(srv, apkg, needles)
+    assert_refused(srv, apkg, needles, code=REFUSAL_CODES[case])
+
+
+def test_every_refusal_has_its_code() -> None:
+    assert sorted(REFUSAL_CODES) == sorted(REFUSALS)
 
 
 def test_unsafe_names_write_nothing_outside_the_store(srv: Server, tmp_path: Path) -> None:
@@ -615,11 +1006,14 @@ def test_digests_are_checked(srv: Server, tmp_path: Path) -> None:
     sidecar.write_text(f"{actual.upper()} *{apkg.name}\n")
     assert_loaded(srv.client.load(apkg), "digest-agent@0.1.0", ["default"], "installed")
     sidecar.unlink()
-    srv.client.delete("/runtime/packages/digest-agent@0.1.0")
+    assert srv.client.delete("/runtime/packages/digest-agent@0.1.0").status == 200
     assert_loaded(
-        srv.client.load(apkg, sha256=f"sha256:{actual}"), "digest-agent@0.1.0", ["default"]
+        srv.client.load(apkg, sha256=f"sha256:{actual}"),
+        "digest-agent@0.1.0",
+        ["default"],
+        "installed",
     )
-    srv.client.delete("/runtime/packages/digest-agent@0.1.0")
+    assert srv.client.delete("/runtime/packages/digest-agent@0.1.0").status == 200
     resp = srv.client.upload("/runtime/packages/upload", apkg, {"sha256": actual})
     assert assert_loaded(resp, "digest-agent@0.1.0", ["default"], "installed")["sha256"] == actual
     assert_no_work_left(srv)
@@ -627,10 +1021,15 @@ def test_digests_are_checked(srv: Server, tmp_path: Path) -> None:
 
 def test_file_not_found_and_directory_are_refused(srv: Server, tmp_path: Path) -> None:
     before = srv.client.get("/runtime/packages").json()
-    resp = srv.client.load(tmp_path / "nope.apkg")
-    assert resp.status == 400 and "file not found" in resp.json()["message"], resp
-    resp = srv.client.load(tmp_path)
-    assert resp.status == 400 and "not a regular file" in resp.json()["message"], resp
+    for path, needle in (
+        (tmp_path / "nope.apkg", "file not found"),
+        (tmp_path, "not a regular file"),
+    ):
+        resp = srv.client.load(path)
+        assert resp.status == 400, resp
+        body = resp.json()
+        assert body["error"] == "PackageError" and body["code"] == "file_not_found", body
+        assert needle in body["message"] and str(path) in body["message"], body
     assert srv.client.get("/runtime/packages").json() == before
 
 
@@ -676,12 +1075,15 @@ def test_limits_from_the_environment(
     # The same archive is fine under the default limits: the caps came from the environment.
     name = f"limit-{case}"
     ok = make_apkg(tmp_path / f"{name}.apkg", {**files, "agent.yaml": manifest_yaml(name)})
-    assert_loaded(srv.client.load(ok), f"{name}@0.1.0", ["default"])
+    assert_loaded(srv.client.load(ok), f"{name}@0.1.0", ["default"], "installed")
 
 
 def test_small_limits_still_accept_a_small_package(small_srv: Server, tmp_path: Path) -> None:
     assert_loaded(
-        small_srv.client.load(tiny(tmp_path / "ok.apkg", "small-ok")), "small-ok@0.1.0", ["default"]
+        small_srv.client.load(tiny(tmp_path / "ok.apkg", "small-ok")),
+        "small-ok@0.1.0",
+        ["default"],
+        "installed",
     )
 
 
@@ -706,9 +1108,9 @@ def test_same_bytes_unchanged_other_bytes_replace(srv: Server, tmp_path: Path) -
     loaded_at = srv.client.get("/runtime/packages/swap-agent@0.1.0").json()["loaded_at"]
 
     again = assert_loaded(
-        srv.client.upload("/runtime/packages/upload", a), "swap-agent@0.1.0", ["alpha"]
+        srv.client.upload("/runtime/packages/upload", a), "swap-agent@0.1.0", ["alpha"], "unchanged"
     )
-    assert again["result"] == "unchanged" and again["sha256"] == first["sha256"]
+    assert again["sha256"] == first["sha256"]
     pkg = srv.client.get("/runtime/packages/swap-agent@0.1.0").json()
     assert pkg["loaded_at"] == loaded_at and pkg["source"] == f"path:{a}"
 
@@ -718,7 +1120,9 @@ def test_same_bytes_unchanged_other_bytes_replace(srv: Server, tmp_path: Path) -
     assert pkg["sha256"] == sha256_of(b) and pkg["agents"] == ["swap-agent@0.1.0/beta"]
     ids = {a["id"] for a in srv.client.get("/runtime/agents").json()["agents"]}
     assert "swap-agent@0.1.0/beta" in ids and "swap-agent@0.1.0/alpha" not in ids
-    assert srv.client.get("/runtime/agents/swap-agent@0.1.0/alpha").status == 404
+    gone = srv.client.get("/runtime/agents/swap-agent@0.1.0/alpha")
+    assert gone.status == 404, gone
+    assert gone.json()["message"] == "Agent not found: swap-agent@0.1.0/alpha"
     # The old object is gone from the store, the new one is published.
     objects = store_dir(srv) / "objects"
     assert not (objects / first["sha256"]).exists()
@@ -728,8 +1132,10 @@ def test_same_bytes_unchanged_other_bytes_replace(srv: Server, tmp_path: Path) -
 
 def test_unload(srv: Server, tmp_path: Path) -> None:
     apkg = tiny(tmp_path / "gone.apkg", "gone-agent")
-    body = assert_loaded(srv.client.load(apkg), "gone-agent@0.1.0", ["default"])
-    assert srv.client.get("/runtime/agents/gone-agent@0.1.0/default").status == 200
+    body = assert_loaded(srv.client.load(apkg), "gone-agent@0.1.0", ["default"], "installed")
+    agent = srv.client.get("/runtime/agents/gone-agent@0.1.0/default")
+    assert agent.status == 200, agent
+    assert agent.json()["id"] == "gone-agent@0.1.0/default"
 
     resp = srv.client.delete("/runtime/packages/gone-agent@0.1.0")
     assert resp.status == 200, resp
@@ -744,7 +1150,9 @@ def test_unload(srv: Server, tmp_path: Path) -> None:
     assert agent.status == 404 and agent.json()["message"].startswith("Agent not found")
     assert not (store_dir(srv) / "objects" / body["sha256"]).exists()
     assert not os.path.lexists(store_dir(srv) / "ids" / "gone-agent@0.1.0")
-    assert srv.client.delete("/runtime/packages/gone-agent@0.1.0").status == 404
+    again = srv.client.delete("/runtime/packages/gone-agent@0.1.0")
+    assert again.status == 404, again
+    assert again.json()["message"] == "Package not found: gone-agent@0.1.0"
     # It can be loaded again afterwards.
     assert_loaded(srv.client.load(apkg), "gone-agent@0.1.0", ["default"], "installed")
 
@@ -757,16 +1165,17 @@ def test_concurrent_uploads_of_one_id(srv: Server, tmp_path: Path) -> None:
     }
     digests = {sha256_of(p): export for export, p in variants.items()}
     objects = store_dir(srv) / "objects"
-    for _round in range(3):
+    assert_absent(srv, f"{name}@0.1.0")
+    for round_ in range(3):
         barrier = threading.Barrier(8)
-        answers: list[Any] = []
+        answers: list[tuple[Path, Any]] = []
 
         def upload(
             i: int, barrier: threading.Barrier = barrier, answers: list[Any] = answers
         ) -> None:
             path = variants["alpha" if i % 2 else "beta"]
             barrier.wait()
-            answers.append(srv.client.upload("/runtime/packages/upload", path))
+            answers.append((path, srv.client.upload("/runtime/packages/upload", path)))
 
         threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
         for t in threads:
@@ -774,10 +1183,16 @@ def test_concurrent_uploads_of_one_id(srv: Server, tmp_path: Path) -> None:
         for t in threads:
             t.join(60)
         assert len(answers) == 8
-        for resp in answers:
+        for path, resp in answers:
             assert resp.status == 200, resp
-            assert resp.json()["result"] in ("installed", "replaced", "unchanged")
-            assert resp.json()["sha256"] in digests
+            assert resp.json()["sha256"] == sha256_of(path)
+        # Uploads of one id are applied one at a time: only the very first one installs, each
+        # later one replaces the other variant or finds its own bytes already there.
+        results = sorted(resp.json()["result"] for _, resp in answers)
+        # Four of the eight carry the other variant's bytes: at least one of them replaces.
+        assert results.count("installed") == (1 if round_ == 0 else 0), results
+        assert results.count("replaced") >= 1, results
+        assert set(results) <= {"installed", "replaced", "unchanged"}, results
 
         pkg = srv.client.get(f"/runtime/packages/{name}@0.1.0").json()
         assert pkg["sha256"] in digests
@@ -808,17 +1223,26 @@ def test_restart_keeps_packages(server_factory: Any, tmp_path: Path) -> None:
     first = server_factory()
     client = first.client
     assert_loaded(
-        client.load(tiny(tmp_path / "keep.apkg", "keep-agent")), "keep-agent@0.1.0", ["default"]
+        client.load(tiny(tmp_path / "keep.apkg", "keep-agent")),
+        "keep-agent@0.1.0",
+        ["default"],
+        "installed",
     )
     assert_loaded(
         client.upload("/runtime/packages/upload", _hand_zipped(tmp_path / "h.apkg")),
         "hand-agent@0.3.0",
         ["alpha", "beta"],
+        "installed",
     )
     assert_loaded(
-        client.load(tiny(tmp_path / "drop.apkg", "drop-agent")), "drop-agent@0.1.0", ["default"]
+        client.load(tiny(tmp_path / "drop.apkg", "drop-agent")),
+        "drop-agent@0.1.0",
+        ["default"],
+        "installed",
     )
-    assert client.delete("/runtime/packages/drop-agent@0.1.0").status == 200
+    dropped = client.delete("/runtime/packages/drop-agent@0.1.0")
+    assert dropped.status == 200, dropped
+    assert dropped.json()["package_id"] == "drop-agent@0.1.0"
     packages = client.get("/runtime/packages").json()
     agents = client.get("/runtime/agents").json()
     detail = client.get("/runtime/packages/hand-agent@0.3.0").json()
@@ -830,12 +1254,13 @@ def test_restart_keeps_packages(server_factory: Any, tmp_path: Path) -> None:
     assert second.client.get("/runtime/packages").json() == packages
     assert second.client.get("/runtime/agents").json() == agents
     assert second.client.get("/runtime/packages/hand-agent@0.3.0").json() == detail
-    assert second.client.get("/runtime/packages/drop-agent@0.1.0").status == 404
+    assert_absent(second, "drop-agent@0.1.0")
     info = second.client.get("/runtime/info").json()
     assert info["packages_loaded"] == 2 and info["agents_mounted"] == 3
     # The restored digest is the one compared: the same bytes are still a no-op.
     again = second.client.load(tmp_path / "keep.apkg")
-    assert assert_loaded(again, "keep-agent@0.1.0", ["default"])["result"] == "unchanged"
+    restored = assert_loaded(again, "keep-agent@0.1.0", ["default"], "unchanged")
+    assert restored["sha256"] == sha256_of(tmp_path / "keep.apkg")
 
 
 def test_packages_dir_loads_good_and_skips_bad(server_factory: Any, tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
 """agent.yaml -> a typed Manifest with its exports, for every producer variant.
 
 Producers seen in the wild: pixell-kit 0.4.12, pixell-sdk 0.5.4 (sub_agents
-lost in re-serialisation), old kit, and hand-zipped packages (top-level
-``version`` and ``exports``). Package code is never imported here: whether a
-module exists is judged from the archive's file list alone.
+lost in re-serialisation), old kit, and hand-zipped packages like the original
+runtime's own (top-level ``version``, ``runtime: {python: ">=3.8"}`` and
+``exports`` with dotted handlers). docs/apkg-format.md describes what is
+accepted. Package code is never imported here: whether a module exists is
+judged from the archive's file list alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ from typing import Any
 import yaml
 
 from pixell_kernel_runtime.errors import PackageError
+from pixell_kernel_runtime.packages.dotenv import ENV_KEY_RE, expand_env, parse_dotenv
+from pixell_kernel_runtime.packages.fields import (
+    parse_runtime,
+    parse_target,
+    require_module,
+    str_field,
+    str_list,
+)
 
 CODE_EXECUTOR = "code-executor"
 HANDLER = "handler"
@@ -23,9 +33,6 @@ HANDLER = "handler"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
 _EXPORT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 MANIFEST_MAX_BYTES = 1024 * 1024
 
 
@@ -70,6 +77,8 @@ class Manifest:
     producer: str
     resource_tier: int | None = None
     warnings: tuple[str, ...] = field(default=())
+    # Roles a caller needs (any one) besides the operator's policy: it can only narrow access.
+    role_required: tuple[str, ...] = ()
 
     @property
     def package_id(self) -> str:
@@ -89,122 +98,37 @@ class Manifest:
             "dependencies": list(self.dependencies),
             "environment_keys": sorted(self.environment),
             "resource_tier": self.resource_tier,
+            "role_required": list(self.role_required),
             "producer": self.producer,
             "exports": [e.summary() for e in self.exports],
         }
 
 
-def _str_field(doc: dict[str, Any], key: str, *, where: str = "") -> str | None:
-    value = doc.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise PackageError(
-            f"agent.yaml field {where}{key} must be a string, got {type(value).__name__}",
-            code="invalid_manifest",
-        )
-    return value
-
-
-def _str_list(value: Any, *, field_name: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise PackageError(
-            f"agent.yaml field {field_name} must be a list of strings", code="invalid_manifest"
-        )
-    return tuple(value)
-
-
-def module_path_candidates(module: str) -> tuple[str, str]:
-    base = module.replace(".", "/")
-    return (f"{base}.py", f"{base}/__init__.py")
-
-
-def parse_target(target: str, *, field_name: str) -> tuple[str, str]:
-    """``module:function`` (or the hand-made ``module.function``) -> (module, function)."""
-    if ":" in target:
-        module, _, function = target.partition(":")
-    elif "." in target:
-        module, _, function = target.rpartition(".")
-    else:
-        raise PackageError(
-            f"agent.yaml field {field_name} must be 'module:function', got {target!r}",
-            code="invalid_manifest",
-        )
-    parts = module.split(".")
-    if not all(_IDENT_RE.match(p) for p in parts) or not _IDENT_RE.match(function):
-        raise PackageError(
-            f"agent.yaml field {field_name} must be 'module:function' with Python identifiers,"
-            f" got {target!r}",
-            code="invalid_manifest",
-        )
-    return module, function
-
-
-def parse_dotenv(data: bytes) -> dict[str, str]:
-    """KEY=VALUE lines, ``#`` comments, optional ``export``, surrounding quotes stripped."""
-    text = data.decode("utf-8", errors="replace")
-    env: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :].lstrip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not _ENV_KEY_RE.match(key):
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        env[key] = value
-    return env
-
-
-def expand_env(environment: dict[str, str], dotenv: dict[str, str]) -> dict[str, str]:
-    """Resolve ``${VAR:-default}`` against the package's own variables only.
-
-    The server's environment is never consulted: a package must not be able to
-    read the host's secrets through its manifest.
-    """
-    known = dict(dotenv)
-    out: dict[str, str] = {}
-    for key, value in environment.items():
-
-        def repl(m: re.Match[str]) -> str:
-            return known.get(m.group(1)) or (m.group(2) or "")
-
-        out[key] = _ENV_REF_RE.sub(repl, value)
-        known[key] = out[key]
-    return out
-
-
 def _producer(package_json: bytes | None, names: set[str]) -> str:
+    """Who built the archive, for the record (nothing depends on it)."""
     if package_json is not None:
         try:
-            created_by = json.loads(package_json).get("created_by")
-        except (ValueError, AttributeError):
-            created_by = None
+            meta = json.loads(package_json)
+        except ValueError:
+            meta = None
+        created_by = meta.get("created_by") if isinstance(meta, dict) else None
+        manifest = meta.get("manifest") if isinstance(meta, dict) else None
+        # pixell-sdk 0.5.4 writes created_by "pixell-kit" too. The kit (0.4.12) dumps every field
+        # of its schema into the copy, unset ones as null; the sdk leaves unset fields out.
+        if created_by == "pixell-kit" and isinstance(manifest, dict):
+            metadata = manifest.get("metadata")
+            values = [
+                *manifest.values(),
+                *(metadata.values() if isinstance(metadata, dict) else ()),
+            ]
+            if None not in values:
+                return "pixell-sdk"
         if isinstance(created_by, str) and created_by:
             return created_by
         return "pixell-kit"
     if "setup.py" in names or any(n.startswith("dist/") for n in names):
         return "pixell-kit"
     return "hand-made"
-
-
-def _require_module(module: str, names: set[str], *, field_name: str) -> None:
-    if not any(c in names for c in module_path_candidates(module)):
-        py, pkg = module_path_candidates(module)
-        raise PackageError(
-            f"agent.yaml field {field_name}: module {module!r} is missing from the archive"
-            f" (expected {py} or {pkg})",
-            code="missing_module",
-        )
 
 
 def parse_manifest(
@@ -240,7 +164,7 @@ def parse_manifest(
         )
     warnings: list[str] = []
 
-    name = _str_field(doc, "name")
+    name = str_field(doc, "name")
     if not name:
         raise PackageError("agent.yaml field name is missing", code="invalid_manifest")
     if not _NAME_RE.match(name):
@@ -255,7 +179,7 @@ def parse_manifest(
         metadata = {}
     if not isinstance(metadata, dict):
         raise PackageError("agent.yaml field metadata must be a mapping", code="invalid_manifest")
-    version = _str_field(metadata, "version", where="metadata.") or _str_field(doc, "version")
+    version = str_field(metadata, "version", where="metadata.") or str_field(doc, "version")
     if not version:
         raise PackageError(
             "agent.yaml has no version (metadata.version or version)", code="invalid_manifest"
@@ -266,22 +190,16 @@ def parse_manifest(
             code="invalid_manifest",
         )
 
-    runtime = _str_field(doc, "runtime")
-    if runtime is not None and not runtime.lower().startswith("python"):
-        raise PackageError(
-            f"agent.yaml field runtime is {runtime!r}: only Python agents run here"
-            " (runtime python3.x)",
-            code="unsupported_runtime",
-        )
+    runtime = parse_runtime(doc.get("runtime"), warnings)
 
-    entrypoint = _str_field(doc, "entrypoint")
+    entrypoint = str_field(doc, "entrypoint")
     entry_target: tuple[str, str] | None = None
     if entrypoint:
         entry_target = parse_target(entrypoint, field_name="entrypoint")
-        _require_module(entry_target[0], names, field_name="entrypoint")
+        require_module(entry_target[0], names, field_name="entrypoint")
 
-    capabilities = _str_list(doc.get("capabilities"), field_name="capabilities")
-    dependencies = _str_list(doc.get("dependencies"), field_name="dependencies")
+    capabilities = str_list(doc.get("capabilities"), field_name="capabilities")
+    dependencies = str_list(doc.get("dependencies"), field_name="dependencies")
     if dependencies:
         warnings.append(
             "dependencies are not installed by the runtime; kernels use what the host provides: "
@@ -290,7 +208,7 @@ def parse_manifest(
 
     environment_raw = doc.get("environment") or {}
     if not isinstance(environment_raw, dict) or not all(
-        isinstance(k, str) and _ENV_KEY_RE.match(k) and isinstance(v, str | int | float | bool)
+        isinstance(k, str) and ENV_KEY_RE.match(k) and isinstance(v, str | int | float | bool)
         for k, v in environment_raw.items()
     ):
         raise PackageError(
@@ -309,14 +227,20 @@ def parse_manifest(
     if resource_tier is not None and resource_tier not in (0, 1, 2):
         warnings.append(f"resource_tier {resource_tier!r} ignored (0, 1 or 2)")
         resource_tier = None
+    raw_roles = doc.get("role_required", metadata.get("role_required"))
+    roles = [raw_roles] if isinstance(raw_roles, str) else raw_roles or []
+    if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
+        raise PackageError(
+            "role_required must be a role name or a list of them", code="invalid_manifest"
+        )
 
     return Manifest(
         name=name,
         version=version,
-        display_name=_str_field(doc, "display_name") or name,
-        description=_str_field(doc, "description") or "",
-        author=_str_field(doc, "author"),
-        license=_str_field(doc, "license"),
+        display_name=str_field(doc, "display_name") or name,
+        description=str_field(doc, "description") or "",
+        author=str_field(doc, "author"),
+        license=str_field(doc, "license"),
         runtime=runtime,
         entrypoint=entrypoint,
         capabilities=capabilities,
@@ -326,6 +250,7 @@ def parse_manifest(
         producer=_producer(package_json, names),
         resource_tier=resource_tier,
         warnings=tuple(warnings),
+        role_required=tuple(roles),
     )
 
 
@@ -352,7 +277,7 @@ def _parse_exports(
     def handler_target(target: str | None, field_name: str) -> tuple[str, str]:
         if target:
             module, function = parse_target(target, field_name=field_name)
-            _require_module(module, names, field_name=field_name)
+            require_module(module, names, field_name=field_name)
             return module, function
         if entry_target is None:
             raise PackageError(
@@ -380,21 +305,28 @@ def _parse_exports(
                 raise PackageError(
                     f"agent.yaml field {where} must be a mapping", code="invalid_manifest"
                 )
-            name = _str_field(item, "name", where=where + ".")
+            name = str_field(item, "name", where=where + ".")
             if not name or not _EXPORT_RE.match(name) or ".." in name:
                 raise PackageError(
                     f"agent.yaml field {where}.name is missing or invalid: {name!r}",
                     code="invalid_manifest",
                 )
-            caps = _str_list(item.get("capabilities"), field_name=where + ".capabilities")
+            caps = str_list(item.get("capabilities"), field_name=where + ".capabilities")
             public = item.get("public", True)
             if not isinstance(public, bool):
                 raise PackageError(
                     f"agent.yaml field {where}.public must be true or false",
                     code="invalid_manifest",
                 )
-            description = _str_field(item, "description", where=where + ".") or ""
-            named = _str_field(item, target_key, where=where + ".")
+            description = str_field(item, "description", where=where + ".") or ""
+            kind = str_field(item, "type", where=where + ".")
+            if kind is not None and kind != "function":
+                raise PackageError(
+                    f"agent.yaml field {where}.type is {kind!r}: only 'function' exports"
+                    " (a module function called with the invoke input) run here",
+                    code="unsupported_export",
+                )
+            named = str_field(item, target_key, where=where + ".")
             endpoint = named if target_key == "endpoint" else None
             if code_package or "python-execution" in caps:
                 add(Export(name, description, CODE_EXECUTOR, public, caps, endpoint=endpoint))
@@ -406,7 +338,7 @@ def _parse_exports(
             add(Export(name, description, HANDLER, public, caps, module, function, endpoint))
         return out
 
-    description = _str_field(doc, "description") or ""
+    description = str_field(doc, "description") or ""
     if code_package:
         add(Export("default", description, CODE_EXECUTOR, True, ()))
     else:
