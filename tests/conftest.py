@@ -60,8 +60,9 @@ class Response:
 class Client:
     """A plain HTTP client over http.client: what any existing client would send."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.port = port
+        self.host = host
 
     def request(
         self,
@@ -71,7 +72,7 @@ class Client:
         headers: dict[str, str] | None = None,
         timeout: float = 120.0,
     ) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
@@ -133,21 +134,26 @@ class Server:
         args: list[str] | None = None,
         env: dict[str, str] | None = None,
         *,
-        inherit_env: bool = True,
+        inherit_env: bool = False,
     ) -> None:
         self.port = free_port()
         self.state_dir = state_dir
         self.args = args or []
         self.env = env or {}
-        # False: ``env`` is the server's whole environment (nothing of the test run's leaks in).
+        # False (the default): the server gets minimal_env() plus ``env`` and nothing of the
+        # test run's environment (a developer's PACKAGE_CACHE_DIR, RUN_DIR or SANDBOX_* would
+        # otherwise change what the test sees, and their run dir be removed at exit).
         self.inherit_env = inherit_env
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = state_dir.parent / f"server-{self.port}.log"
         self.client = Client(self.port)
 
     def start(self, timeout: float = 60.0) -> Server:
-        env = {**(os.environ if self.inherit_env else {}), **self.env}
-        env.pop("PORT", None)
+        if self.inherit_env:
+            env = {k: v for k, v in os.environ.items() if k != "PORT"}
+        else:
+            env = minimal_env(self.state_dir.parent / "home")
+        env.update(self.env)
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
@@ -187,17 +193,99 @@ class Server:
             return ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
+        """Signal the server and wait for it; a server that ignores ``sig`` is killed and the
+        call fails. The log is closed whatever happens."""
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"server ignored signal {sig}:\n{self.logs()}") from None
+            if self.proc is None or self.proc.poll() is not None:
+                return self.proc.returncode if self.proc else 0
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"server ignored signal {sig}:\n{self.logs()}") from None
         finally:
-            self.log.close()
+            if self.proc is not None and not self.log.closed:
+                self.log.close()
+
+    def descendants(self) -> set[int]:
+        """The server's live descendants (its kernels and their children), read from /proc."""
+        return process_tree(self.proc.pid) - {self.proc.pid} if self.proc else set()
+
+
+def process_tree(pid: int) -> set[int]:
+    """``pid`` and all its live descendants, read from /proc."""
+    out: set[int] = set()
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        if p in out:
+            continue
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        out.add(p)
+        for tid in tids:
+            with contextlib.suppress(OSError, ValueError):
+                children = Path(f"/proc/{p}/task/{tid}/children").read_text()
+                stack.extend(int(c) for c in children.split())
+    return out
+
+
+def minimal_env(home: Path) -> dict[str, str]:
+    """What a test server starts with: a fixed PATH (this interpreter's bin dir first, for the
+    console script), its own HOME, a UTF-8 locale. Nothing of the developer's environment."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = f"{os.path.dirname(sys.executable)}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
+    return {"PATH": f"{path}:/sbin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
+
+
+def stop_all(servers: list[Server]) -> None:
+    """Stop every server, even when one fails to stop; kill what any of them left running.
+
+    Raises (after all are stopped) if a server failed to stop or left processes behind."""
+    problems: list[str] = []
+    for srv in servers:
+        tree = {pid: _started(pid) for pid in srv.descendants()}
+        try:
+            srv.stop()
+        except BaseException as exc:  # noqa: BLE001 - the others must still be stopped
+            problems.append(f"port {srv.port}: {exc!r}")
+        # Kernels are the server's to end; whatever it left is killed here and reported.
+        wait_for(lambda t=tree: not _alive(t), 10.0)
+        left = _alive(tree)
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if left:
+            problems.append(f"port {srv.port}: processes outlived the server: {sorted(left)}")
+    if problems:
+        raise AssertionError("teardown: " + "; ".join(problems))
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _started(pid: int) -> str:
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _alive(tree: dict[int, str]) -> set[int]:
+    """The processes of ``tree`` (pid -> start time) that still run: not zombies, and not
+    another process that got a recycled pid."""
+    out = set()
+    for pid, started in tree.items():
+        fields = _stat(pid)
+        if fields and fields[0] not in ("Z", "X") and fields[19] == started:
+            out.add(pid)
+    return out
 
 
 @contextlib.contextmanager
@@ -206,10 +294,11 @@ def serving(state_dir: Path, apkgs: list[Path]) -> Iterator[Server]:
     server = Server(state_dir).start()
     try:
         for apkg in apkgs:
-            assert server.client.load(apkg).status == 200
+            resp = server.client.load(apkg)
+            assert resp.status == 200, resp
         yield server
     finally:
-        server.stop()
+        stop_all([server])
 
 
 @pytest.fixture
@@ -226,8 +315,7 @@ def server_factory(tmp_path: Path) -> Iterator[Any]:
         return srv.start()
 
     yield make
-    for srv in servers:
-        srv.stop()
+    stop_all(servers)
 
 
 @pytest.fixture

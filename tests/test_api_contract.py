@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Client, Server, make_apkg, manifest_yaml
+from conftest import Client, Server, make_apkg, manifest_yaml, stop_all
 
 from pixell_kernel_runtime import __version__
 
@@ -45,8 +45,10 @@ PACKAGE_FIELDS = {"id", "name", "version", "sha256", "size", "loaded_at", "sourc
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the module, started with the two example agents loaded."""
     server = Server(tmp_path_factory.mktemp("apisrv") / "state", ["--examples"]).start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        stop_all([server])
 
 
 @pytest.fixture

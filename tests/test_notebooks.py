@@ -25,6 +25,6 @@ def test_notebook_runs(path: Path, server_factory, monkeypatch: pytest.MonkeyPat
     errors = [
         o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
     ]
-    assert not errors
+    assert not errors, errors
     # The seed's answer was really computed by the server, not assumed.
     assert any("The answer is 4" in str(o) for c in nb.cells for o in c.get("outputs", []))

@@ -25,14 +25,15 @@ def _rss_mib(pid: int) -> float:
         for line in fh:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-    return 0.0
+    raise AssertionError(f"no VmRSS for {pid}: not a live process")
 
 
 def test_output_flood_keeps_server_memory_bounded(server_factory) -> None:
     srv = server_factory(["--examples"])
     pid = srv.proc.pid
     for i in range(2):  # kernels up first: their start is not what is measured
-        assert srv.client.invoke(AGENT, {"code": "1", "session_id": f"flood{i}"}).status == 200
+        warm = srv.client.invoke(AGENT, {"code": "1", "session_id": f"flood{i}"})
+        assert warm.status == 200 and warm.json()["output"]["result"] == 1, warm
     before = _rss_mib(pid)
     peak = [before]
     answers: list = [None, None]
@@ -57,17 +58,24 @@ def test_output_flood_keeps_server_memory_bounded(server_factory) -> None:
         w.join(180)
     done.set()
     sampler.join()
+    assert not any(w.is_alive() for w in workers), "a flooding call never answered"
 
     assert peak[0] - before < 400, f"server RSS grew by {peak[0] - before:.0f} MiB"
     for answer in answers:
         assert answer is not None and answer.status == 200, answer
         out = answer.json()["output"]
+        # The flood ran to its end (the cell was not killed); what it printed was cut.
+        assert out["status"] == "success" and out["result"] == 1, {**out, "stdout": "..."}
+        # Marked as cut, with the totals: every one of the 120 x 10 MB writes was counted.
+        assert out["truncated"] is True, {**out, "stdout": "..."}
+        assert out["truncation"]["stdout"]["bytes_seen"] >= 120 * 10**7, out["truncation"]
         assert len(out["stdout"]) <= 1024 * 1024 + 64  # answers are cut at 1 MiB
     # Both sessions still work.
     for i in range(2):
         again = srv.client.invoke(AGENT, {"code": "result = 6 * 7", "session_id": f"flood{i}"})
         assert again.json()["output"]["result"] == 42, again
-    assert srv.client.get("/runtime/health").status == 200
+    health = srv.client.get("/runtime/health")
+    assert health.status == 200 and health.json()["status"] == "healthy", health
 
 
 def test_printing_past_the_budget_is_cut_at_the_source(server_factory) -> None:
@@ -75,6 +83,7 @@ def test_printing_past_the_budget_is_cut_at_the_source(server_factory) -> None:
     started = time.monotonic()
     answer = srv.client.invoke(AGENT, {"code": PRINTS, "session_id": "prints"})
     elapsed = time.monotonic() - started
+    assert answer.status == 200, answer
     out = answer.json()["output"]
     assert out["status"] == "success" and out["result"] == 5, out
     assert "[output truncated by the runtime]" in out["stdout"]
@@ -82,4 +91,5 @@ def test_printing_past_the_budget_is_cut_at_the_source(server_factory) -> None:
     assert elapsed < 20, f"500 MB of prints took {elapsed:.1f}s: not cut at the source"
     # The budget is per call: the next call prints normally.
     again = srv.client.invoke(AGENT, {"code": "print('hello')", "session_id": "prints"})
-    assert again.json()["output"]["stdout"] == "hello\n"
+    assert again.status == 200, again
+    assert again.json()["output"]["stdout"] == "hello\n", again
