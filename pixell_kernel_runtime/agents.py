@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pixell_kernel_runtime.auth.access import AccessPolicy
+from pixell_kernel_runtime.auth.principal import Principal
 from pixell_kernel_runtime.errors import NotFound
 from pixell_kernel_runtime.packages.manifest import Export
 from pixell_kernel_runtime.packages.store import InstalledPackage, InstallResult, PackageStore
@@ -62,20 +64,38 @@ class Agent:
 class Agents:
     """Looks agents up and coordinates package changes with live sessions."""
 
-    def __init__(self, store: PackageStore, sessions: PackageSessions | None = None) -> None:
+    def __init__(
+        self,
+        store: PackageStore,
+        sessions: PackageSessions | None = None,
+        access: AccessPolicy | None = None,
+    ) -> None:
         self.store = store
         self.sessions = sessions
+        self.access = access or AccessPolicy()
 
-    def list(self) -> list[Agent]:
-        return [Agent(pkg, export) for pkg in self.store.list() for export in pkg.manifest.exports]
+    def allowed(self, agent: Agent, principal: Principal | None) -> bool:
+        return self.access.allows(
+            principal,
+            agent_id=agent.id,
+            package_id=agent.package.id,
+            manifest_roles=getattr(agent.package.manifest, "role_required", ()) or (),
+        )
 
-    def get(self, agent_id: str) -> Agent:
+    def list(self, principal: Principal | None = None) -> list[Agent]:
+        every = [Agent(pkg, export) for pkg in self.store.list() for export in pkg.manifest.exports]
+        return [a for a in every if self.allowed(a, principal)]
+
+    def get(self, agent_id: str, principal: Principal | None = None) -> Agent:
+        """An agent the principal may not use is not found, exactly as a missing one."""
         package_id, sep, export_name = agent_id.rpartition("/")
         pkg = self.store.find(package_id) if sep else None
         if pkg is not None:
             for export in pkg.manifest.exports:
                 if export.name == export_name:
-                    return Agent(pkg, export)
+                    agent = Agent(pkg, export)
+                    if self.allowed(agent, principal):
+                        return agent
         raise NotFound(f"Agent not found: {agent_id}", code="agent_not_found")
 
     async def load(

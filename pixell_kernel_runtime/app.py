@@ -20,12 +20,15 @@ import tornado.netutil
 import tornado.web
 
 from pixell_kernel_runtime import __version__, bundled, metrics
-from pixell_kernel_runtime.agents import Agent, Agents
+from pixell_kernel_runtime.agents import Agents
 from pixell_kernel_runtime.api import agents as agents_api
+from pixell_kernel_runtime.api import openapi as openapi_api
 from pixell_kernel_runtime.api import packages as packages_api
 from pixell_kernel_runtime.api import runtime as runtime_api
 from pixell_kernel_runtime.api import sessions as sessions_api
 from pixell_kernel_runtime.api.base import NotFoundHandler
+from pixell_kernel_runtime.auth import Authenticator
+from pixell_kernel_runtime.auth.access import AccessPolicy
 from pixell_kernel_runtime.config import Settings
 from pixell_kernel_runtime.errors import RuntimeAPIError
 from pixell_kernel_runtime.packages import builder
@@ -54,25 +57,37 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = PackageStore(settings.store_dir, settings.archive)
+        # Everything that parses an operator's file comes before the run dir exists: a bad
+        # file must not leave a /tmp/pkr-* dir behind.
+        access = AccessPolicy.load(settings.access_policy)
+        self.auth = Authenticator.from_settings(settings)
         # An operator's RUN_DIR is theirs: only what the runtime creates in it is removed.
         self._own_run_dir = settings.run_dir is None
         self.run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="pkr-", dir="/tmp"))
         if self._own_run_dir:
             # Kernel uids pass through it to their own sockets (Landlock mode); never list it.
             os.chmod(self.run_dir, 0o711)
-        self.sandbox = Sandbox(
-            mode=settings.sandbox_mode,
-            config_path=settings.sandbox_config,
-            run_dir=self.run_dir,
-            # Kernels must not read other packages or the runtime's state; each kernel's own
-            # package root is bound back read-only.
-            hidden_dirs=sorted({str(settings.state_dir), str(settings.store_dir)}),
-            bwrap_path=_tool(settings.sandbox_bwrap),
-            unshare_path=_tool(settings.sandbox_unshare),
-            subid_files=tuple(p for p in settings.sandbox_subid_files.split(":") if p),
+        log.info("run dir %s", self.run_dir)
+        try:
+            self.sandbox = Sandbox(
+                mode=settings.sandbox_mode,
+                config_path=settings.sandbox_config,
+                run_dir=self.run_dir,
+                # Kernels must not read other packages or the runtime's state; each kernel's
+                # own package root is bound back read-only.
+                hidden_dirs=sorted({str(settings.state_dir), str(settings.store_dir)}),
+                bwrap_path=_tool(settings.sandbox_bwrap),
+                unshare_path=_tool(settings.sandbox_unshare),
+                subid_files=tuple(p for p in settings.sandbox_subid_files.split(":") if p),
+            )
+        except BaseException:
+            # A bad sandbox config must not leave the run dir made for it behind.
+            self._remove_run_dir()
+            raise
+        self.sessions = SessionManager(
+            settings, self.sandbox, self.run_dir, find_package=self.store.find
         )
-        self.sessions = SessionManager(settings, self.sandbox, self.run_dir)
-        self.agents = Agents(self.store, self.sessions)
+        self.agents = Agents(self.store, self.sessions, access)
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -122,13 +137,9 @@ class Runtime:
         if self._own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    async def invoke(
-        self, agent: Agent, input_: dict[str, Any], *, context: dict[str, Any], trace_id: str
-    ) -> dict[str, Any]:
-        return await self.sessions.invoke(agent, input_, context=context, trace_id=trace_id)
-
-    def info(self) -> dict[str, Any]:
-        return {
+    def info(self, *, host: bool = True) -> dict[str, Any]:
+        """``host``: the sandbox report with its paths (attach/admin only)."""
+        out = {
             "version": __version__,
             "start_time": _iso(self.started_at),
             "uptime_seconds": round(time.time() - self.started_at, 3),
@@ -137,8 +148,12 @@ class Runtime:
             "total_invocations": self.sessions.invocations,
             "status": "running",
             "sessions": self.sessions.counts(),
-            "sandbox": self.sandbox.report(),
         }
+        if host:
+            out["sandbox"] = self.sandbox.report()
+        else:
+            out["sandbox"] = {"mode": self.sandbox.mode}
+        return out
 
     def sandbox_report(self) -> dict[str, Any]:
         return self.sandbox.report()
@@ -175,6 +190,7 @@ def make_app(runtime: Runtime) -> tornado.web.Application:
         (r"/health", runtime_api.HealthHandler, kw),
         (r"/runtime/info", runtime_api.InfoHandler, kw),
         (r"/runtime/sandbox", runtime_api.SandboxHandler, kw),
+        (openapi_api.PATH, openapi_api.OpenAPIHandler, kw),
         (r"/runtime/packages", packages_api.PackagesHandler, kw),
         (r"/runtime/packages/load", packages_api.LoadHandler, kw),
         (r"/runtime/packages/upload", packages_api.UploadHandler, kw),
@@ -210,7 +226,17 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
-        for key in ("request_id", "method", "path", "status"):
+        for key in (
+            "request_id",
+            "method",
+            "path",
+            "status",
+            "event_type",
+            "tenant",
+            "subject",
+            "route",
+            "reason",
+        ):
             if hasattr(record, key):
                 doc[key] = getattr(record, key)
         if record.exc_info:
@@ -252,6 +278,15 @@ async def serve(settings: Settings) -> None:
         log.info(
             "Pixell Kernel Runtime %s listening on http://%s:%d", __version__, settings.host, port
         )
+        if runtime.auth.generated:
+            # Jupyter's convention: a non-loopback bind with nothing configured gets a token,
+            # shown once, on stdout only (never through the logs).
+            print(
+                f"\n    Authentication is required (bound to {settings.host}). Use this token:"
+                f"\n    Authorization: Bearer {runtime.auth.generated}\n",
+                flush=True,
+            )
+            runtime.auth.generated = None
         await stop.wait()
         log.info("shutting down")
         server.stop()

@@ -41,6 +41,43 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("PIXELL_RUNTIME_URL", "http://127.0.0.1:8000"),
         help="the runtime's base URL (env PIXELL_RUNTIME_URL)",
     )
+    console.add_argument(
+        "--token",
+        default=os.environ.get("PIXELL_RUNTIME_TOKEN"),
+        help="an API token with the sessions and attach scopes (env PIXELL_RUNTIME_TOKEN)",
+    )
+
+    token = sub.add_parser(
+        "token",
+        help="manage API tokens in the tokens file (AUTH_TOKENS_FILE)",
+        description="API tokens are stored only as SHA-256 hashes; `create` prints the new "
+        "token once. A running server picks changes up within a second.",
+    )
+    # --file before or after the subcommand: `token --file F list` and `token list --file F`.
+    file_opt = argparse.ArgumentParser(add_help=False)
+    file_opt.add_argument(
+        "--file",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="the tokens file, YAML or JSON (env AUTH_TOKENS_FILE)",
+    )
+    token.add_argument(
+        "--file",
+        type=Path,
+        default=os.environ.get("AUTH_TOKENS_FILE") or os.environ.get("PIXELL_AUTH_TOKENS_FILE"),
+        help="the tokens file, YAML or JSON (env AUTH_TOKENS_FILE)",
+    )
+    tsub = token.add_subparsers(dest="token_command", required=True)
+    create = tsub.add_parser("create", help="create a token and print it once", parents=[file_opt])
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", help="a name for the token (default: a random one)")
+    create.add_argument("--scopes", nargs="+", required=True, help="e.g. invoke sessions")
+    create.add_argument("--roles", nargs="*", default=[])
+    create.add_argument("--expires", help="ISO 8601 time after which it stops working")
+    tsub.add_parser("list", help="list tokens (never the tokens themselves)", parents=[file_opt])
+    revoke = tsub.add_parser("revoke", help="remove a token", parents=[file_opt])
+    revoke.add_argument("--tenant", required=True)
+    revoke.add_argument("--name", required=True)
 
     build = sub.add_parser("build", help="build APKG archives from agent source folders")
     build.add_argument("sources", nargs="+", type=Path, help="folders holding agent.yaml")
@@ -109,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "console":
-        return _console(args.url, args.session, passthrough)
+        return _console(args.url, args.session, passthrough, args.token)
+
+    if args.command == "token":
+        return _token(args)
 
     if args.command == "build":
         from pixell_kernel_runtime.packages import builder
@@ -139,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _console(url: str, session: str, extra: list[str]) -> int:
+def _console(url: str, session: str, extra: list[str], token: str | None = None) -> int:
     """Look the session's connection file up over REST, then become `jupyter console`."""
     # Said before anything reaches the server: restarting a stopped kernel for nothing helps no one.
     if importlib.util.find_spec("jupyter_console") is None:
@@ -152,7 +192,8 @@ def _console(url: str, session: str, extra: list[str]) -> int:
     base = url.rstrip("/") + "/runtime/sessions/" + quote(session, safe="")
 
     def call(method: str, path: str = "") -> dict:
-        with urlopen(Request(base + path, method=method), timeout=120) as resp:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with urlopen(Request(base + path, method=method, headers=headers), timeout=120) as resp:
             return json.loads(resp.read())
 
     try:
@@ -175,3 +216,40 @@ def _console(url: str, session: str, extra: list[str]) -> int:
     argv = [sys.executable, "-m", "jupyter_console", "--existing", info["connection_file"], *extra]
     os.execv(sys.executable, argv)
     return 0  # not reached
+
+
+def _token(args: argparse.Namespace) -> int:
+    import secrets
+
+    from pixell_kernel_runtime.auth import tokens
+
+    if args.file is None:
+        print("error: give --file or set AUTH_TOKENS_FILE", file=sys.stderr)
+        return 2
+    path = Path(args.file)
+    try:
+        if args.token_command == "create":
+            name = args.name or "token-" + secrets.token_hex(3)
+            value = tokens.create(
+                path,
+                tenant=args.tenant,
+                name=name,
+                scopes=args.scopes,
+                roles=args.roles,
+                expires=args.expires,
+            )
+            print(value)
+            print(f"(tenant {args.tenant}, name {name}; shown once: store it now)", file=sys.stderr)
+            return 0
+        if args.token_command == "list":
+            entries, _doc = tokens.read_file(path)
+            print(json.dumps([e.public() for e in entries], indent=1))
+            return 0
+        if tokens.revoke(path, tenant=args.tenant, name=args.name):
+            print(f"revoked {args.tenant}/{args.name}", file=sys.stderr)
+            return 0
+        print(f"error: no token {args.name} for tenant {args.tenant}", file=sys.stderr)
+        return 1
+    except (tokens.TokensFileError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -66,6 +66,22 @@ class Settings:
     # Subordinate-id files the sandbox uid range must not overlap (colon-separated paths).
     sandbox_subid_files: str = "/etc/subuid:/etc/subgid"
 
+    # Authentication (see auth/): "auto" (tokens file and/or OIDC when set; open on loopback
+    # with neither; a generated token otherwise) or "none" (off, loudly).
+    auth: str = "auto"
+    auth_tokens_file: Path | None = None
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks_url: str | None = None
+    oidc_tenant_claim: str = "tenant"
+    oidc_roles_claim: str = "roles"
+    # Roles the operator requires per package or agent id (glob) -> role names (any of them).
+    access_policy: Path | None = None
+    # With authentication on, load by path accepts only files under these (default PACKAGES_DIR).
+    load_roots: str | None = None
+    max_sessions_per_tenant: int = 32
+    max_invocations_per_tenant: int = 16
+
     @property
     def store_dir(self) -> Path:
         return self.package_cache_dir or (self.state_dir / "packages")
@@ -85,6 +101,10 @@ class Settings:
             raise ValueError("the default timeout exceeds the maximum timeout")
         if self.session_queue_size < 1 or self.max_sessions < 1:
             raise ValueError("session queue size and max sessions must be at least 1")
+        if self.auth not in ("auto", "none"):
+            raise ValueError(f"AUTH must be auto or none, got {self.auth!r}")
+        if self.max_sessions_per_tenant < 1 or self.max_invocations_per_tenant < 1:
+            raise ValueError("per-tenant caps must be at least 1")
         if self.packages_dir is not None and not self.packages_dir.is_dir():
             raise ValueError(f"packages dir is not a directory: {self.packages_dir}")
 
@@ -116,6 +136,17 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "SANDBOX_BWRAP": ("sandbox_bwrap", str),
     "SANDBOX_UNSHARE": ("sandbox_unshare", str),
     "SANDBOX_SUBID_FILES": ("sandbox_subid_files", str),
+    "AUTH": ("auth", str),
+    "AUTH_TOKENS_FILE": ("auth_tokens_file", Path),
+    "OIDC_ISSUER": ("oidc_issuer", str),
+    "OIDC_AUDIENCE": ("oidc_audience", str),
+    "OIDC_JWKS_URL": ("oidc_jwks_url", str),
+    "OIDC_TENANT_CLAIM": ("oidc_tenant_claim", str),
+    "OIDC_ROLES_CLAIM": ("oidc_roles_claim", str),
+    "ACCESS_POLICY": ("access_policy", Path),
+    "LOAD_ROOTS": ("load_roots", str),
+    "MAX_SESSIONS_PER_TENANT": ("max_sessions_per_tenant", int),
+    "MAX_INVOCATIONS_PER_TENANT": ("max_invocations_per_tenant", int),
 }
 
 ARCHIVE_ENV_VARS: dict[str, tuple[str, Any]] = {

@@ -61,6 +61,11 @@ class TooManyRequests(RuntimeAPIError):
     kind = "TooManyRequests"
     code = "queue_full"
 
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, code=code)
+        # Seconds, for the Retry-After header.
+        self.retry_after = retry_after
+
 
 class ValidationFailed(RuntimeAPIError):
     """A request body that does not match its schema (the contract's 422)."""

@@ -12,13 +12,22 @@ from typing import Any
 import tornado.web
 
 from pixell_kernel_runtime import metrics
+from pixell_kernel_runtime.auth import AuthError, Principal
+from pixell_kernel_runtime.auth.principal import DEFAULT_TENANT
 from pixell_kernel_runtime.errors import RuntimeAPIError, ValidationFailed
 
 log = logging.getLogger("pixell_kernel_runtime.http")
+audit = logging.getLogger("pixell_kernel_runtime.audit")
+# A handler method's scope: a name from auth.SCOPES, ANY (any authenticated principal) or
+# PUBLIC (no principal at all: only the health check).
+ANY = ""
+PUBLIC = None
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _REASONS = {
     400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
     404: "NotFound",
     405: "MethodNotAllowed",
     411: "LengthRequired",
@@ -34,6 +43,82 @@ _REASONS = {
 def dumps(obj: Any) -> str:
     # allow_nan=False: a NaN would make the answer invalid JSON for strict clients.
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, default=str)
+
+
+# Bounds of a JSON request body (the byte size is the server's MAX_BODY_BYTES). Deeper nesting
+# raised RecursionError (a 500) and reached the kernel's json.loads too; the value count bounds
+# the parse and what a handler's input costs to re-encode for the kernel.
+MAX_JSON_DEPTH = 64
+MAX_JSON_VALUES = 1_000_000
+# A JSON string (with its escapes), to not count the commas and brackets inside strings.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _refuse_constant(token: str) -> Any:
+    # json.loads accepts NaN, Infinity and -Infinity; none is JSON, and a NaN timeout_seconds
+    # switched the deadline off (min(nan, 600) is nan, and no time is >= nan).
+    raise _NotFinite(token)
+
+
+def _value_bound(raw: bytes) -> int:
+    """At least as many JSON values as ``raw`` holds (every value but one follows a , [ or {)."""
+    return raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+
+
+def _depth(doc: Any) -> int:
+    """How many containers deep ``doc`` nests (iteratively: no recursion on hostile input)."""
+    deepest = 0
+    stack = [(doc, 1)] if isinstance(doc, dict | list) else []
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, level + 1))
+    return deepest
+
+
+def _invalid(msg: str, type_: str) -> ValidationFailed:
+    return ValidationFailed([{"loc": ["body"], "msg": msg, "type": type_}])
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, within the bounds: 422 for what is not JSON (NaN and Infinity
+    included) or nests deeper than ``MAX_JSON_DEPTH``, 413 past ``MAX_JSON_VALUES`` values."""
+    too_many = _value_bound(raw) > MAX_JSON_VALUES
+    if too_many:
+        # The cheap bound counted what sits inside strings too (a long code cell): recount.
+        too_many = _value_bound(_JSON_STRING.sub(b'""', raw)) > MAX_JSON_VALUES
+    if too_many:
+        raise RuntimeAPIError(
+            f"the JSON body holds more than {MAX_JSON_VALUES} values",
+            status=413,
+            kind="PayloadTooLarge",
+            code="json_too_large",
+        )
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except _NotFinite as exc:
+        raise _invalid(
+            f"{exc} is not a JSON number (use a finite number or null)",
+            "value_error.number.not_finite",
+        ) from None
+    except RecursionError:
+        raise _invalid(
+            f"the body is nested deeper than {MAX_JSON_DEPTH} levels", "value_error.json.depth"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _invalid(f"body is not valid JSON: {exc}", "value_error.jsondecode") from None
+    # Only a body with that many brackets can nest that deep: the walk is for those alone.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(doc) > MAX_JSON_DEPTH:
+        raise _invalid(
+            f"the body is nested deeper than {MAX_JSON_DEPTH} levels", "value_error.json.depth"
+        )
+    return doc
 
 
 class Field:
@@ -56,20 +141,101 @@ class Field:
         return " or ".join(names.get(t, t.__name__) for t in self.types)
 
 
+def _implemented(handler: type[tornado.web.RequestHandler]) -> list[str]:
+    """The HTTP methods a handler class defines itself (RequestHandler's own answer 405)."""
+    base = tornado.web.RequestHandler
+    return [
+        m
+        for m in base.SUPPORTED_METHODS
+        if getattr(handler, m.lower()) is not getattr(base, m.lower())
+    ]
+
+
 class BaseHandler(tornado.web.RequestHandler):
     """JSON in, JSON out, every error in the contract's envelope."""
 
     #: The route pattern used as a metrics label (never the raw path).
     route = "unknown"
+    #: The scope each HTTP method needs; a method not named needs ``admin`` (fail closed).
+    scopes: dict[str, str | None] = {}
+    #: Websocket routes alone may carry their token as ``?token=`` (browsers cannot set headers).
+    query_token = False
+    principal: Principal | None = None
 
     def initialize(self, **kwargs: Any) -> None:
         self.runtime = kwargs.get("runtime") or self.application.settings["runtime"]
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         incoming = self.request.headers.get("X-Request-ID", "")
         self.request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
         self.set_header("X-Request-ID", self.request_id)
         self._started = time.perf_counter()
+        self.principal = await self._authenticate()
+
+    async def _authenticate(self) -> Principal | None:
+        needed = self.scopes.get(self.request.method or "", "admin")
+        if needed is PUBLIC or self.request.method not in _implemented(type(self)):
+            # A method the handler lacks runs nothing of it: the answer is 405 (with Allow).
+            return None
+        token = self.get_query_argument("token", None) if self.query_token else None
+        try:
+            principal = await self.runtime.auth.authenticate(
+                self.request.headers.get("Authorization"), token
+            )
+        except AuthError as exc:
+            self._audit("auth_failed", None, exc.reason, 401)
+            raise RuntimeAPIError(
+                exc.message, status=401, kind="Unauthorized", code="unauthorized"
+            ) from None
+        if needed and not principal.has(needed):
+            self._audit("auth_forbidden", principal, f"missing scope {needed}", 403)
+            raise RuntimeAPIError(
+                f"{self.request.method} {self.route} needs the {needed!r} scope",
+                status=403,
+                kind="Forbidden",
+                code="forbidden",
+            )
+        return principal
+
+    def _audit(self, event: str, principal: Principal | None, reason: str, status: int) -> None:
+        audit.warning(
+            "%s %s %s: %s",
+            event,
+            self.request.method,
+            self.route,
+            reason,
+            extra={
+                "event_type": event,
+                "request_id": getattr(self, "request_id", None),
+                "tenant": principal.tenant if principal else None,
+                "subject": principal.subject if principal else None,
+                "route": self.route,
+                "method": self.request.method,
+                "status": status,
+                "reason": reason,
+            },
+        )
+
+    def tenant(self) -> str:
+        """The tenant a request acts for: its principal's; an administrator may name another
+        with ``?tenant=``."""
+        p = self.principal
+        if p is None:
+            return DEFAULT_TENANT
+        asked = self.get_query_argument("tenant", None)
+        return asked if asked and p.admin else p.tenant
+
+    def listing_tenant(self) -> str | None:
+        """Whose sessions a listing shows: an administrator sees every tenant's (None)."""
+        p = self.principal
+        if p is not None and p.admin and not self.get_query_argument("tenant", None):
+            return None
+        return self.tenant()
+
+    def can_see_host(self) -> bool:
+        """Host facts (pids, paths, the interpreter) only for those who attach or administer."""
+        p = self.principal
+        return p is not None and (p.has("attach") or p.admin)
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -85,18 +251,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def json_body(self, schema: dict[str, Field]) -> dict[str, Any]:
         """Parse the body as a JSON object and check it against ``schema``."""
         raw = self.request.body
-        try:
-            body = json.loads(raw.decode("utf-8")) if raw.strip() else None
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ValidationFailed(
-                [
-                    {
-                        "loc": ["body"],
-                        "msg": f"body is not valid JSON: {exc}",
-                        "type": "value_error.jsondecode",
-                    }
-                ]
-            ) from None
+        body = parse_json(raw) if raw.strip() else None
         if body is None:
             body = {}
             if any(f.required for f in schema.values()):
@@ -150,9 +305,21 @@ class BaseHandler(tornado.web.RequestHandler):
         body: dict[str, Any] = {"error": kind, "message": message, "code": code}
         if details is not None:
             body["details"] = details
-        body["request_id"] = getattr(self, "request_id", None)
+        if not getattr(self, "request_id", None):
+            # Refused before prepare() (a method tornado does not route, such as TRACE):
+            # the answer still carries an id, as every answer does.
+            self.request_id = uuid.uuid4().hex
+        body["request_id"] = self.request_id
         self.clear()
         self.set_default_headers()
+        if status == 405:
+            # RFC 9110: a 405 names the methods the resource does support.
+            self.set_header("Allow", ", ".join(_implemented(type(self))))
+        if status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="pixell-kernel-runtime"')
+        exc = getattr(self, "_retry_after", None)
+        if status in (429, 503) and exc:
+            self.set_header("Retry-After", str(exc))
         if getattr(self, "request_id", None):
             self.set_header("X-Request-ID", self.request_id)
         self.set_status(status)
@@ -161,6 +328,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, RuntimeAPIError):
+            self._retry_after = getattr(exc, "retry_after", None)
             self.error_envelope(exc.status, exc.kind, exc.message, exc.code, exc.details)
             return
         if isinstance(exc, tornado.web.HTTPError) and status_code < 500:
@@ -199,6 +367,9 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def on_finish(self) -> None:
         status = self.get_status()
+        p = self.principal
+        if p is not None and p.admin and p.via != "open" and self.request.method != "GET":
+            self._audit("admin_action", p, f"{self.request.method} {self.request.path}", status)
         if self.application.settings.get("metrics_enabled", True):
             metrics.HTTP_REQUESTS.labels(self.request.method, self.route, str(status)).inc()
             metrics.HTTP_DURATION.labels(self.request.method, self.route).observe(
@@ -210,9 +381,10 @@ class NotFoundHandler(BaseHandler):
     """Unknown routes answer 404 in the envelope, for every method."""
 
     route = "not_found"
+    scopes = {m: PUBLIC for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 
-    def prepare(self) -> None:
-        super().prepare()
+    async def prepare(self) -> None:
+        await super().prepare()
         raise tornado.web.HTTPError(
             404, "No route for %s %s", self.request.method, self.request.path
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,13 @@ _FLUSH_BYTES = 1024 * 1024
 _SMALL_FIELD_LIMIT = 1024
 
 
+def _without_paths(doc: dict[str, Any], host: bool) -> dict[str, Any]:
+    """A package's ``source`` names a host path (``path:/srv/...``): attach/admin only."""
+    if not host and str(doc.get("source", "")).startswith(("path:", "packages_dir:", "examples:")):
+        doc = {**doc, "source": doc["source"].split(":", 1)[0]}
+    return doc
+
+
 def load_answer(result: InstallResult) -> dict[str, Any]:
     pkg = result.package
     return {
@@ -35,16 +43,23 @@ def load_answer(result: InstallResult) -> dict[str, Any]:
 
 class PackagesHandler(BaseHandler):
     route = "/runtime/packages"
+    scopes = {"GET": "packages:read"}
 
     def get(self) -> None:
-        self.write_json({"packages": [p.summary() for p in self.runtime.store.list()]})
+        packages = [self._shown(p.summary()) for p in self.runtime.store.list()]
+        self.write_json({"packages": packages})
+
+    def _shown(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return _without_paths(doc, self.can_see_host())
 
 
 class PackageHandler(BaseHandler):
     route = "/runtime/packages/{id}"
+    scopes = {"GET": "packages:read", "DELETE": "packages:write"}
 
     def get(self, package_id: str) -> None:
-        self.write_json(self.runtime.store.get(package_id).detail())
+        detail = self.runtime.store.get(package_id).detail()
+        self.write_json(_without_paths(detail, self.can_see_host()))
 
     async def delete(self, package_id: str) -> None:
         pkg = await self.runtime.agents.unload(package_id)
@@ -53,6 +68,7 @@ class PackageHandler(BaseHandler):
 
 class LoadHandler(BaseHandler):
     route = "/runtime/packages/load"
+    scopes = {"POST": "packages:write"}
 
     async def post(self) -> None:
         body = self.json_body({"path": Field(str, required=True), "sha256": Field(str)})
@@ -61,11 +77,36 @@ class LoadHandler(BaseHandler):
                 [{"loc": ["body", "path"], "msg": "must not be empty", "type": "value_error"}]
             )
         digest = normalise_digest(body["sha256"]) if body.get("sha256") else None
-        path = Path(body["path"]).expanduser()
+        try:
+            path = Path(body["path"]).expanduser()
+        except RuntimeError:  # `~name` of a user this host does not have
+            raise PackageError(
+                f"file not found: {body['path']} (no such user's home)", code="file_not_found"
+            ) from None
+        if self.runtime.auth.enabled:
+            path = self._within_load_roots(path)
         result = await self.runtime.agents.load(
             path, sha256=digest, source=f"path:{path}", use_sidecar=True
         )
         self.write_json(load_answer(result))
+
+    def _within_load_roots(self, path: Path) -> Path:
+        """With authentication on, the server opens only what the operator put under
+        LOAD_ROOTS (links resolved first). Outside them the answer is the same whether the
+        file exists or not: it tells nothing about the host."""
+        s = self.runtime.settings
+        raw = s.load_roots if s.load_roots is not None else str(s.packages_dir or "")
+        roots = [os.path.realpath(r) for r in raw.split(":") if r]
+        real = os.path.realpath(path)
+        if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots):
+            raise RuntimeAPIError(
+                "load by path accepts only files under LOAD_ROOTS on this server; "
+                "upload the package instead (POST /runtime/packages/upload)",
+                status=403,
+                kind="Forbidden",
+                code="path_not_allowed",
+            )
+        return Path(real)
 
 
 @tornado.web.stream_request_body
@@ -77,9 +118,12 @@ class UploadHandler(BaseHandler):
     """
 
     route = "/runtime/packages/upload"
+    scopes = {"POST": "packages:write"}
+    # Set before prepare() runs: a request refused earlier (401, 405) still ends in _cleanup.
+    _out: io.BufferedWriter | None = None
 
     async def prepare(self) -> None:
-        super().prepare()
+        await super().prepare()  # authenticated before a byte of the body is accepted
         self._failure: RuntimeAPIError | None = None
         self._parser: MultipartParser | None = None
         self._out: io.BufferedWriter | None = None

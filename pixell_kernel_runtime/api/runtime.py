@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pixell_kernel_runtime import __version__, metrics
-from pixell_kernel_runtime.api.base import BaseHandler
+from pixell_kernel_runtime.api.base import ANY, PUBLIC, BaseHandler
 
 
 class HealthHandler(BaseHandler):
     route = "/runtime/health"
+    scopes = {"GET": PUBLIC, "HEAD": PUBLIC}
 
     def get(self) -> None:
         self.write_json(
@@ -25,13 +26,15 @@ class HealthHandler(BaseHandler):
 
 class InfoHandler(BaseHandler):
     route = "/runtime/info"
+    scopes = {"GET": ANY}
 
     def get(self) -> None:
-        self.write_json(self.runtime.info())
+        self.write_json(self.runtime.info(host=self.can_see_host()))
 
 
 class SandboxHandler(BaseHandler):
     route = "/runtime/sandbox"
+    scopes = {"GET": "admin"}
 
     def get(self) -> None:
         self.write_json(self.runtime.sandbox_report())
@@ -39,6 +42,7 @@ class SandboxHandler(BaseHandler):
 
 class MetricsHandler(BaseHandler):
     route = "/metrics"
+    scopes = {"GET": "usage"}
 
     def get(self) -> None:
         self.runtime.refresh_gauges()

@@ -3,14 +3,21 @@
 The kernel is launched from the runtime's own kernel spec by the ``SandboxProvisioner`` it names,
 over ipc sockets in the session's server dir; the environment it gets is built once, by
 ``sandbox.environment``, and applied by the launcher only after every sandbox layer.
+
+Between calls two cheap watchers run: jupyter_client's restarter with autorestart off notices
+the process dying while idle, and a SUB socket on iopub reads every client's ``status``
+broadcasts (``execution_state``, as jupyter_server's ``last_activity``), so that a cell run from
+a console counts as activity.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -18,6 +25,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
 from jupyter_client.manager import AsyncKernelManager
 
 from pixell_kernel_runtime.execution import runner
@@ -29,6 +37,12 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
 INTERRUPT_GRACE = 1.5
+# How often an idle kernel's process is polled (a waitpid that does not block).
+DEATH_POLL_SECONDS = 1.0
+# A status broadcast is ~30 bytes of content; the watcher reads nothing bigger.
+STATUS_CONTENT_BYTES = 256
+STATUS_MESSAGE_BYTES = 64 * 1024
+STATUS_PAUSE_SECONDS = 0.05
 
 
 # What one kernel can make the server hold: libzmq queues whole messages on the receiving
@@ -96,6 +110,38 @@ def _exit_from_returncode(rc: int | None) -> Exit:
     return Exit(rc, None)
 
 
+class _DeathWatch(AsyncIOLoopKernelRestarter):  # type: ignore[misc]
+    """jupyter_client's restarter with autorestart off: on death it only says so, once."""
+
+    async def poll(self) -> None:  # type: ignore[override]
+        km = self.kernel_manager
+        if km.shutting_down or await km.is_alive():
+            return
+        self.stop()
+        self._fire_callbacks("dead")
+
+
+def execution_state(frames: list[bytes]) -> str | None:
+    """``busy``/``idle``/``starting`` from one iopub message, if it is a status broadcast.
+
+    Only the topic and a tiny content frame are read: the rest of the message (the kernel's
+    to forge) is never parsed, and a forged status only misleads the culler about its own
+    kernel."""
+    if not frames or not frames[0].endswith(b".status"):
+        return None
+    try:
+        content = frames[frames.index(b"<IDS|MSG>") + 5]
+    except (ValueError, IndexError):
+        return None
+    if len(content) > STATUS_CONTENT_BYTES:
+        return None
+    try:
+        state = json.loads(content).get("execution_state")
+    except (ValueError, AttributeError):
+        return None
+    return state if state in ("busy", "idle", "starting") else None
+
+
 class SessionKernelManager(AsyncKernelManager):  # type: ignore[misc]
     """A kernel manager that carries its session's sandbox, for the ``SandboxProvisioner``."""
 
@@ -130,6 +176,14 @@ class SessionKernel:
         self.km.sandbox_session = sandbox_session
         self.kc: AsyncKernelClient | None = None
         self.exit: Exit | None = None
+        # Called (from the loop, once) when the process is found dead between calls.
+        self.on_death: Callable[[SessionKernel], None] | None = None
+        self.died = False
+        # What the kernel last broadcast on iopub, to any client, and when.
+        self.execution_state: str | None = None
+        self.last_activity: float | None = None
+        self._death_watch: _DeathWatch | None = None
+        self._status_task: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -144,6 +198,67 @@ class SessionKernel:
             detail = await self._log_tail()
             await self.shutdown()
             raise KernelStartError(f"kernel failed to start: {exc}{detail}") from exc
+        self._watch()
+
+    # ---- watchers between calls ------------------------------------------
+
+    def _watch(self) -> None:
+        self._unwatch()
+        watch = _DeathWatch(kernel_manager=self.km, time_to_dead=DEATH_POLL_SECONDS)
+        watch.add_callback(self._died, "dead")
+        watch.start()
+        self._death_watch = watch
+        self._status_task = asyncio.create_task(self._read_status(self.km._make_url("iopub")))
+
+    def _unwatch(self) -> None:
+        watch, self._death_watch = self._death_watch, None
+        if watch is not None:
+            watch.stop()
+        task, self._status_task = self._status_task, None
+        if task is not None:
+            task.cancel()
+
+    def _died(self) -> None:
+        if self._death_watch is None:  # stopped meanwhile: a restart or shutdown of ours
+            return
+        self._unwatch()
+        self.died = True
+        if self.on_death is not None:
+            self.on_death(self)
+
+    async def _read_status(self, url: str) -> None:
+        sock = _bounded_context().socket(zmq.SUB)
+        try:
+            sock.setsockopt(zmq.MAXMSGSIZE, STATUS_MESSAGE_BYTES)
+            sock.setsockopt(zmq.LINGER, 0)
+            # Status topics are kernel.<ident>.status; once one is seen, only that is sent.
+            sock.setsockopt(zmq.SUBSCRIBE, b"kernel.")
+            sock.connect(url)
+            narrowed = False
+            while True:
+                narrowed = self._note_status(sock, await sock.recv_multipart(), narrowed)
+                # Then what else is queued (at most the socket's queue), and a pause: a kernel
+                # flooding its status topic costs the server a few small messages a tick.
+                for _ in range(RECEIVE_QUEUE_MESSAGES):
+                    if not await sock.poll(0):
+                        break
+                    narrowed = self._note_status(sock, await sock.recv_multipart(), narrowed)
+                await asyncio.sleep(STATUS_PAUSE_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - a watcher must not take anything down with it
+            log.warning("iopub status watch ended: %r", exc)
+        finally:
+            sock.close(linger=0)
+
+    def _note_status(self, sock: zmq.asyncio.Socket, frames: list[bytes], narrowed: bool) -> bool:
+        state = execution_state(frames)
+        if state is None:
+            return narrowed
+        if not narrowed:
+            sock.setsockopt(zmq.SUBSCRIBE, frames[0])
+            sock.setsockopt(zmq.UNSUBSCRIBE, b"kernel.")
+        self.execution_state = state
+        self.last_activity = time.time()
+        return True
 
     async def _connect(self) -> None:
         self.kc = self.km.client(context=_bounded_context())
@@ -188,15 +303,19 @@ class SessionKernel:
         timeout: float,
         silent: bool = False,
         user_expressions: dict[str, str] | None = None,
+        restart_on_deadline: bool = True,
     ) -> tuple[runner.CellRun, str]:
-        """Run ``code``. Outcome: done, timeout (state kept), timeout_restarted, or dead."""
+        """Run ``code``. Outcome: done, timeout (state kept), timeout_restarted, or dead;
+        ``deadline`` (nothing done to the kernel) without ``restart_on_deadline``.
+
+        Raises KernelStartError when the restart after a deadline cannot start a kernel."""
         assert self.kc is not None
         await runner.drain(self.kc)
         run = runner.send(self.kc, code, silent=silent, user_expressions=user_expressions)
         outcome = await runner.gather(
             self.kc, run, deadline=time.monotonic() + timeout, is_alive=self.is_alive
         )
-        if outcome != "deadline":
+        if outcome != "deadline" or not restart_on_deadline:
             return run, outcome
         # Deadline: ask politely, then restart (losing state) if the cell ignores it.
         try:
@@ -217,15 +336,26 @@ class SessionKernel:
         await self.km.interrupt_kernel()
 
     async def restart(self) -> None:
-        """A fresh kernel process in the same directories; the old state is gone."""
+        """A fresh kernel process in the same directories; the old state is gone.
+
+        Raises KernelStartError (the old process gone either way) when the new one fails."""
+        self._unwatch()
         if self.kc is not None:
             self.kc.stop_channels()
             self.kc = None
         self.exit = None
-        await self.km.restart_kernel(now=True)
-        await self._connect()
+        self.died = False
+        self.execution_state = None
+        try:
+            await self.km.restart_kernel(now=True)
+            await self._connect()
+        except Exception as exc:
+            detail = await self._log_tail()
+            raise KernelStartError(f"kernel failed to restart: {exc}{detail}") from exc
+        self._watch()
 
     async def shutdown(self) -> None:
+        self._unwatch()
         if self.kc is not None:
             self.kc.stop_channels()
             self.kc = None

@@ -1,4 +1,6 @@
-"""(package, session_id) -> one live kernel: create, look up, queue calls, cull, shut down.
+"""(tenant, package, session_id) -> one live kernel: create, look up, take turns, cull, shut down.
+
+The registry and its FIFO turns only: how an agent kind runs in a session is execution/'s.
 
 Calls to one session run one at a time, in arrival order (an asyncio.Lock
 wakes its waiters first-in first-out), behind a bounded queue; different
@@ -12,113 +14,65 @@ import asyncio
 import contextlib
 import functools
 import logging
-import re
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pixell_kernel_runtime import metrics
-from pixell_kernel_runtime.agents import Agent
+from pixell_kernel_runtime.auth.principal import DEFAULT_TENANT
 from pixell_kernel_runtime.config import Settings
 from pixell_kernel_runtime.errors import (
+    Conflict,
     NotFound,
     RuntimeAPIError,
     ServiceUnavailable,
     TooManyRequests,
-    ValidationFailed,
 )
 from pixell_kernel_runtime.execution import answers
 from pixell_kernel_runtime.execution.bootstrap import (
-    AWAIT_HANDLER_CELL,
-    COLLECT_EXPRESSION,
-    HANDLER_EXPRESSIONS,
     VARIABLES_EXPRESSION,
-    handler_cell,
 )
-from pixell_kernel_runtime.execution.runner import CellRun
-from pixell_kernel_runtime.packages.manifest import CODE_EXECUTOR
 from pixell_kernel_runtime.packages.store import InstalledPackage
 from pixell_kernel_runtime.sandbox import Sandbox
-from pixell_kernel_runtime.sandbox.core import SandboxSession
 from pixell_kernel_runtime.sandbox.environment import kernel_environment
 from pixell_kernel_runtime.sandbox.kernelspec import RuntimeKernelSpecManager
-from pixell_kernel_runtime.sessions import procinfo
 from pixell_kernel_runtime.sessions.kernel import KernelStartError, SessionKernel
+from pixell_kernel_runtime.sessions.session import (
+    Session,
+    closed_error,
+    new_generation,
+    session_key,
+    unless_closed,
+)
 
 log = logging.getLogger(__name__)
 
-_SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._@:+=-]{1,128}$")
-DEFAULT_SESSION = "default"
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def session_key(package_id: str, session_id: str) -> str:
-    return f"{package_id}:{session_id}"
-
-
-@dataclass
-class Session:
-    key: str
-    session_id: str
-    package: InstalledPackage
-    sandbox: SandboxSession
-    # Fixed when the session is created (the first call's input.resource_tier, else the
-    # manifest's); the operator's policy caps it in the sandbox.
-    resource_tier: int | None = None
-    created: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.time)
-    executions: int = 0
-    restarts: int = 0
-    kernel: SessionKernel | None = None
-    # Set when the kernel died or was restarted behind the caller's back; the
-    # next answer says so, once.
-    restarted_note: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    waiting: int = 0
-    closed: bool = False
-
-    @property
-    def busy(self) -> bool:
-        return self.lock.locked()
-
-    def state(self) -> str:
-        if self.closed:
-            return "closed"
-        if self.kernel is None:
-            return "dead" if self.restarted_note else "not_started"
-        return "busy" if self.busy else "idle"
-
-    def summary(self) -> dict[str, Any]:
-        pid = self.kernel.pid if self.kernel else None
-        return {
-            "id": self.key,
-            "session_id": self.session_id,
-            "package_id": self.package.id,
-            "kernel_state": self.state(),
-            "created": _iso(self.created),
-            "last_used": _iso(self.last_used),
-            "executions": self.executions,
-            "restarts": self.restarts,
-            "queued": self.waiting,
-            "kernel_pid": pid,
-            # For `pixell-kernel-runtime console` / `jupyter console --existing` on this host.
-            "connection_file": self.sandbox.dirs.connection_file if self.kernel else None,
-            "kernel_rss_bytes": procinfo.tree_rss(pid) if pid else None,
-        }
+# How long a variables read waits for a kernel busy with another client's cell (it never
+# interrupts nor restarts: a read changes nothing).
+VARIABLES_TIMEOUT = 10.0
 
 
 class SessionManager:
-    def __init__(self, settings: Settings, sandbox: Sandbox, run_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sandbox: Sandbox,
+        run_dir: Path,
+        find_package: Callable[[str], InstalledPackage | None] | None = None,
+    ) -> None:
         self.settings = settings
         self.sandbox = sandbox
         self.run_dir = run_dir
+        # The package loaded under an id now (the store's find): a call that waited is
+        # checked against it, so that no session is built on a replaced package's files.
+        self.find_package = find_package
+        self._reapers: set[asyncio.Task[None]] = set()
         self.spec_manager: RuntimeKernelSpecManager | None = None
-        self._sessions: dict[str, Session] = {}
+        # (tenant, "<package_id>:<session_id>") -> Session: the same session_id under two
+        # tenants is two sessions, two kernels.
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._inflight: dict[str, int] = {}
         self._create_lock = asyncio.Lock()
         self._culler: asyncio.Task[None] | None = None
         self.created_total = 0
@@ -150,75 +104,148 @@ class SessionManager:
 
     # ---- look-up -------------------------------------------------------
 
-    def list(self) -> list[Session]:
-        return sorted(self._sessions.values(), key=lambda s: s.created)
+    def list(self, tenant: str | None = None) -> list[Session]:
+        """One tenant's sessions, or (``None``: an administrator) every tenant's."""
+        found = [s for s in self._sessions.values() if tenant is None or s.tenant == tenant]
+        return sorted(found, key=lambda s: s.created)
 
-    def get(self, key: str) -> Session:
+    def get(self, key: str, tenant: str = DEFAULT_TENANT) -> Session:
+        """Another tenant's session is not found, exactly as a missing one."""
         try:
-            return self._sessions[key]
+            return self._sessions[(tenant, key)]
         except KeyError:
             raise NotFound(f"Session not found: {key}", code="session_not_found") from None
 
-    async def _session_for(
-        self, package: InstalledPackage, session_id: str, resource_tier: int | None = None
+    async def session_for(
+        self,
+        package: InstalledPackage,
+        session_id: str,
+        resource_tier: int | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> Session:
         key = session_key(package.id, session_id)
-        session = self._sessions.get(key)
+        session = self._sessions.get((tenant, key))
         if session is not None and session.package.sha256 == package.sha256:
             return session
-        async with self._create_lock:
-            session = self._sessions.get(key)
-            if session is not None and session.package.sha256 == package.sha256:
-                return session
-            if session is not None:
-                # The package was replaced under this id: its old kernel must go.
-                await self._close(session)
-            if len(self._sessions) >= self.settings.max_sessions:
-                await self._evict_one()
-            tier = package.manifest.resource_tier if resource_tier is None else resource_tier
-            try:
-                sbx = await asyncio.to_thread(
-                    functools.partial(
-                        self.sandbox.open_session,
-                        package_root=package.root,
-                        package_name=package.manifest.name,
-                        package_id=package.id,
-                        resource_tier=tier,
-                    )
-                )
-            except (OSError, RuntimeError) as exc:
-                log.error("cannot open a sandbox session for %s: %s", key, exc)
-                raise ServiceUnavailable(
-                    f"could not set up a sandbox for session {session_id}: {exc}",
-                    code="sandbox_unavailable",
-                ) from None
-            session = Session(
-                key=key, session_id=session_id, package=package, sandbox=sbx, resource_tier=tier
-            )
-            self._sessions[key] = session
-            self.created_total += 1
-            return session
+        # Sessions that must go are closed after the lock is released: closing takes
+        # seconds, and every new session waits for this lock.
+        leaving: list[Session] = []
+        try:
+            async with self._create_lock:
+                return await self._create(package, session_id, resource_tier, tenant, leaving)
+        finally:
+            for old in leaving:
+                await self._close_quietly(old, "replaced or evicted")
 
-    async def _evict_one(self) -> None:
+    async def _create(
+        self,
+        package: InstalledPackage,
+        session_id: str,
+        resource_tier: int | None,
+        tenant: str,
+        leaving: list[Session],
+    ) -> Session:
+        """The session for (tenant, package, session_id), made under the create lock."""
+        key = session_key(package.id, session_id)
+        self._check_current(package)
+        session = self._sessions.get((tenant, key))
+        if session is not None and session.package.sha256 == package.sha256:
+            return session
+        if session is not None:
+            # The package was replaced under this id: its old kernel must go.
+            leaving.append(self._detach(session))
+        own = sum(1 for s in self._sessions.values() if s.tenant == tenant)
+        if session is None and own >= self.settings.max_sessions_per_tenant:
+            raise TooManyRequests(
+                f"tenant {tenant} already has {own} live sessions (the limit is "
+                f"{self.settings.max_sessions_per_tenant}); delete one or retry later",
+                code="too_many_sessions",
+                retry_after=30,
+            )
+        if len(self._sessions) >= self.settings.max_sessions:
+            leaving.append(self._detach(self._eviction_victim()))
+        tier = package.manifest.resource_tier if resource_tier is None else resource_tier
+        try:
+            sbx = await asyncio.to_thread(
+                functools.partial(
+                    self.sandbox.open_session,
+                    package_root=package.root,
+                    package_name=package.manifest.name,
+                    package_id=package.id,
+                    resource_tier=tier,
+                )
+            )
+        except (OSError, RuntimeError) as exc:
+            log.error("cannot open a sandbox session for %s: %s", key, exc)
+            raise ServiceUnavailable(
+                f"could not set up a sandbox for session {session_id}: {exc}",
+                code="sandbox_unavailable",
+            ) from None
+        try:
+            # Replaced or unloaded while the sandbox was set up: its files may be gone.
+            self._check_current(package)
+        except RuntimeAPIError:
+            await asyncio.to_thread(self.sandbox.close_session, sbx)
+            raise
+        session = Session(
+            key=key,
+            session_id=session_id,
+            tenant=tenant,
+            package=package,
+            sandbox=sbx,
+            resource_tier=tier,
+        )
+        self._sessions[(tenant, key)] = session
+        self.created_total += 1
+        return session
+
+    def _check_current(self, package: InstalledPackage) -> None:
+        """The package a waiting call resolved must still be the one loaded under its id."""
+        if self.find_package is None:
+            return
+        current = self.find_package(package.id)
+        if current is None:
+            raise NotFound(
+                f"Package {package.id} was unloaded while this call waited",
+                code="package_not_found",
+            )
+        if current.sha256 != package.sha256:
+            raise Conflict(
+                f"Package {package.id} was replaced while this call waited; retry the call",
+                code="package_replaced",
+            )
+
+    def _eviction_victim(self) -> Session:
         idle = [s for s in self._sessions.values() if not s.busy and s.waiting == 0]
         if not idle:
             raise ServiceUnavailable(
                 f"all {self.settings.max_sessions} sessions are busy; try again later",
                 code="too_many_sessions",
             )
-        victim = min(idle, key=lambda s: s.last_used)
+        # A console's running cell counts: the least recently active idle session goes.
+        victim = min(idle, key=lambda s: (s.kernel_busy(), s.last_active()))
         log.info("evicting idle session %s to make room", victim.key)
-        await self._close(victim)
+        return victim
+
+    def _detach(self, session: Session) -> Session:
+        """Out of the table at once (no call finds it any more); closed by the caller."""
+        session.closed = True
+        self._sessions.pop((session.tenant, session.key), None)
+        return session
+
+    async def _close_quietly(self, session: Session, why: str) -> None:
+        try:
+            await self._close(session)
+        except Exception:  # noqa: BLE001 - one session must not stop the others' closing
+            log.exception("closing %s session %s failed", why, session.key)
 
     # ---- kernel ownership ----------------------------------------------
 
-    async def _ensure_kernel(self, session: Session) -> SessionKernel:
+    async def ensure_kernel(self, session: Session) -> SessionKernel:
         if session.kernel is not None:
             if await session.kernel.is_alive():
                 return session.kernel
-            exit_ = session.kernel.exit
-            await self._drop_kernel(session, cause="died_idle")
-            session.restarted_note = exit_.describe() if exit_ else "the kernel died"
+            await self.kernel_ended(session, cause="died_idle")
         dirs = session.sandbox.dirs
         env = kernel_environment(
             session.package.manifest.environment,
@@ -233,25 +260,29 @@ class SessionManager:
             spec_manager=self.spec_manager,
             env=env,
         )
+        kernel.on_death = functools.partial(self._on_death, session)
         try:
             await kernel.start()
         except KernelStartError as exc:
             await asyncio.to_thread(self.sandbox.end_launch, session.sandbox)
             if session.closed:  # its directory was removed under the starting kernel
-                raise _closed(session, "started its kernel") from None
+                raise closed_error(session, "started its kernel") from None
             log.error("session %s: %s", session.key, exc)
             raise ServiceUnavailable(
                 f"could not start a kernel for session {session.session_id}: "
                 f"{str(exc).splitlines()[0]}",
                 code="kernel_start_failed",
             ) from None
-        metrics.KERNEL_STARTS.labels("restart" if session.restarted_note else "new").inc()
+        metrics.KERNEL_STARTS.labels("restart" if session.generation else "new").inc()
         session.kernel = kernel
+        new_generation(
+            session, f"{session.ended}; a new kernel was started" if session.ended else None
+        )
         if session.closed:
             # Deleted (or its package unloaded) while the kernel started: nothing else
             # would ever shut this kernel down.
             await self._drop_kernel(session, cause="shutdown")
-            raise _closed(session, "started its kernel")
+            raise closed_error(session, "started its kernel")
         return kernel
 
     async def _drop_kernel(self, session: Session, *, cause: str) -> None:
@@ -263,16 +294,49 @@ class SessionManager:
                 metrics.KERNEL_DEATHS.labels(cause).inc()
                 session.restarts += 1
 
+    async def kernel_ended(self, session: Session, *, cause: str) -> None:
+        """The kernel died (seen by a call or by its death watch): drop it, keep why."""
+        kernel = session.kernel
+        if kernel is not None and kernel.exit is None:
+            await kernel.is_alive()  # reads how it ended
+        exit_ = kernel.exit if kernel is not None else None
+        await self._drop_kernel(session, cause=cause)
+        session.ended = exit_.describe() if exit_ else "the kernel died"
+
+    async def restart_failed(self, session: Session, exc: Exception, what: str) -> NoReturn:
+        """A restart could not start a kernel: the old one is gone, the session is dead."""
+        log.error("session %s: %s: %s", session.key, what, exc)
+        await self._drop_kernel(session, cause="restart_failed")
+        await asyncio.to_thread(self.sandbox.end_launch, session.sandbox)
+        session.ended = f"{what}: {str(exc).splitlines()[0]}"
+        raise ServiceUnavailable(
+            f"session {session.session_id}: {session.ended}", code="kernel_start_failed"
+        )
+
+    def _on_death(self, session: Session, kernel: SessionKernel) -> None:
+        task = asyncio.get_running_loop().create_task(self._reap(session, kernel))
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
+
+    async def _reap(self, session: Session, kernel: SessionKernel) -> None:
+        """A kernel found dead between calls: its remains go now, not at the next call."""
+        try:
+            async with session.lock:
+                if not session.closed and session.kernel is kernel:
+                    log.info("session %s: its kernel died while idle", session.key)
+                    await self.kernel_ended(session, cause="died_idle")
+        except Exception:  # noqa: BLE001 - the next call notices the death again
+            log.exception("session %s: cleaning up a dead kernel failed", session.key)
+
     async def _close(self, session: Session) -> None:
-        session.closed = True
-        self._sessions.pop(session.key, None)
+        self._detach(session)
         await self._drop_kernel(session, cause="shutdown")
         await asyncio.to_thread(self.sandbox.close_session, session.sandbox)
 
     # ---- calls ---------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _turn(self, session: Session):  # type: ignore[no-untyped-def]
+    async def turn(self, session: Session):  # type: ignore[no-untyped-def]
         """Wait for this session's turn, within the queue bound."""
         if session.waiting >= self.settings.session_queue_size:
             raise TooManyRequests(
@@ -286,156 +350,40 @@ class SessionManager:
             session.waiting -= 1
         try:
             if session.closed:
-                raise _closed(session, "waited")
+                raise closed_error(session, "waited")
             yield
         finally:
             session.last_used = time.time()
             session.lock.release()
 
-    def _timeout(self, input_: dict[str, Any]) -> float:
-        raw = input_.get("timeout_seconds")
-        if raw is None:
-            return self.settings.default_timeout_seconds
-        if isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0:
-            raise ValidationFailed(
-                [
-                    {
-                        "loc": ["body", "input", "timeout_seconds"],
-                        "msg": "must be a positive number",
-                        "type": "value_error",
-                    }
-                ]
+    @contextlib.contextmanager
+    def tenant_slot(self, tenant: str):  # type: ignore[no-untyped-def]
+        """One of the tenant's concurrent invocations, for the length of a call."""
+        running = self._inflight.get(tenant, 0)
+        if running >= self.settings.max_invocations_per_tenant:
+            raise TooManyRequests(
+                f"tenant {tenant} already has {running} invocations running (the limit is "
+                f"{self.settings.max_invocations_per_tenant}); retry later",
+                code="too_many_invocations",
+                retry_after=1,
             )
-        return min(float(raw), self.settings.max_timeout_seconds)
-
-    @staticmethod
-    def session_id_of(input_: dict[str, Any], context: dict[str, Any]) -> str:
-        raw = input_.get("session_id", context.get("session_id"))
-        if raw is None or raw == "":
-            return DEFAULT_SESSION
-        if not isinstance(raw, str) or not _SESSION_ID_RE.match(raw):
-            raise ValidationFailed(
-                [
-                    {
-                        "loc": ["body", "input", "session_id"],
-                        "msg": "must be 1-128 characters of letters, digits and ._@:+=-",
-                        "type": "value_error",
-                    }
-                ]
-            )
-        return raw
-
-    async def invoke(
-        self, agent: Agent, input_: dict[str, Any], *, context: dict[str, Any], trace_id: str
-    ) -> dict[str, Any]:
-        if agent.private:
-            raise NotFound(f"Agent not found: {agent.id}", code="agent_not_found")
-        kind = agent.export.kind
-        session_id = self.session_id_of(input_, context)
-        timeout = self._timeout(input_)
-        if kind == CODE_EXECUTOR:
-            code = input_.get("code")
-            if not isinstance(code, str):
-                raise ValidationFailed(
-                    [
-                        {
-                            "loc": ["body", "input", "code"],
-                            "msg": "field required (a string)",
-                            "type": "value_error.missing" if code is None else "type_error.str",
-                        }
-                    ]
-                )
-        tier = input_.get("resource_tier")
-        if tier is not None and (isinstance(tier, bool) or tier not in (0, 1, 2)):
-            raise ValidationFailed(
-                [
-                    {
-                        "loc": ["body", "input", "resource_tier"],
-                        "msg": "must be 0, 1 or 2",
-                        "type": "value_error",
-                    }
-                ]
-            )
+        self._inflight[tenant] = running + 1
         self.invocations += 1
-        started = time.perf_counter()
-        session = await self._session_for(agent.package, session_id, tier)
-        async with self._turn(session):
-            kernel = await self._ensure_kernel(session)
-            note, session.restarted_note = session.restarted_note, None
-            session.executions += 1
-            with _unless_closed(session, "ran"):
-                if kind == CODE_EXECUTOR:
-                    run, outcome = await kernel.execute(
-                        code, timeout=timeout, user_expressions=COLLECT_EXPRESSION
-                    )
-                else:
-                    run, outcome = await self._call_handler(kernel, agent, input_, timeout)
-            if session.closed and outcome != "done":
-                raise _closed(session, "ran")
-            exit_ = kernel.exit
-            if outcome == "dead":
-                await self._drop_kernel(session, cause="died")
-                session.restarted_note = exit_.describe() if exit_ else "the kernel died"
-            elif outcome == "timeout_restarted":
-                session.restarts += 1
-                metrics.KERNEL_DEATHS.labels("timeout").inc()
-        duration_ms = round((time.perf_counter() - started) * 1000.0, 3)
-        fate = answers.Fate(outcome=outcome, timeout=timeout, exit=exit_, restarted_note=note)
-        if kind == CODE_EXECUTOR:
-            output = answers.code_output(run, fate, session_id, duration_ms)
-            status = output["status"]
-            meta: dict[str, Any] = {}
-        else:
-            output, meta = answers.handler_output(run, fate)
-            status = "error" if meta.get("error") else "success"
-        metrics.INVOCATIONS.labels(kind, status).inc()
-        metrics.INVOKE_DURATION.labels(kind).observe(duration_ms / 1000.0)
-        return {
-            "agent_id": agent.id,
-            "output": output,
-            "duration_ms": duration_ms,
-            "trace_id": trace_id,
-            "metadata": {
-                "session_id": session_id,
-                "session": session.key,
-                "kind": kind,
-                "execution_count": run.execution_count,
-                "session_restarted": note is not None,
-                **({"restart_reason": note} if note else {}),
-                **meta,
-            },
-        }
-
-    @staticmethod
-    async def _call_handler(
-        kernel: SessionKernel, agent: Agent, input_: dict[str, Any], timeout: float
-    ) -> tuple[CellRun, str]:
-        """Call the handler (an interruptible cell); await its value in a second cell if it
-        returned an awaitable. Both share the one timeout."""
-        deadline = time.monotonic() + timeout
-        cell = handler_cell(agent.export.module, agent.export.function, input_)
-        first, outcome = await kernel.execute(
-            cell, timeout=timeout, silent=True, user_expressions=HANDLER_EXPRESSIONS
-        )
-        if outcome != "done" or not answers.handler_pending(first):
-            return first, outcome
-        run, outcome = await kernel.execute(
-            AWAIT_HANDLER_CELL,
-            timeout=max(0.001, deadline - time.monotonic()),
-            silent=True,
-            user_expressions=COLLECT_EXPRESSION,
-        )
-        run.prepend(first)
-        return run, outcome
+        try:
+            yield
+        finally:
+            self._inflight[tenant] -= 1
+            if not self._inflight[tenant]:
+                del self._inflight[tenant]
 
     # ---- session operations (the sessions API) -------------------------
 
-    async def delete(self, key: str) -> None:
-        session = self.get(key)
+    async def delete(self, key: str, tenant: str = DEFAULT_TENANT) -> None:
+        session = self.get(key, tenant)
         await self._close(session)
 
-    async def interrupt(self, key: str) -> None:
-        session = self.get(key)
+    async def interrupt(self, key: str, tenant: str = DEFAULT_TENANT) -> None:
+        session = self.get(key, tenant)
         if session.kernel is None:
             raise RuntimeAPIError(
                 f"session {key} has no running kernel",
@@ -445,66 +393,67 @@ class SessionManager:
             )
         await session.kernel.interrupt()
 
-    async def restart(self, key: str) -> None:
-        session = self.get(key)
-        async with self._turn(session):
-            if session.kernel is None:
-                await self._ensure_kernel(session)
+    async def restart(self, key: str, tenant: str = DEFAULT_TENANT) -> None:
+        session = self.get(key, tenant)
+        async with self.turn(session):
+            if session.kernel is None or session.kernel.died:
+                await self.ensure_kernel(session)
                 return
-            await session.kernel.restart()
+            try:
+                await session.kernel.restart()
+            except KernelStartError as exc:
+                await self.restart_failed(session, exc, "restarting the kernel failed")
             session.restarts += 1
+            new_generation(session, "the kernel was restarted through the sessions API")
 
-    async def variables(self, key: str) -> list[dict[str, Any]]:
-        session = self.get(key)
+    async def variables(self, key: str, tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
+        session = self.get(key, tenant)
         if session.kernel is None:
             return []
-        async with self._turn(session):
+        async with self.turn(session):
             if session.kernel is None:
                 return []
-            with _unless_closed(session, "ran"):
+            with unless_closed(session, "ran"):
                 run, outcome = await session.kernel.execute(
-                    "", timeout=10.0, silent=True, user_expressions=VARIABLES_EXPRESSION
+                    "",
+                    timeout=VARIABLES_TIMEOUT,
+                    silent=True,
+                    user_expressions=VARIABLES_EXPRESSION,
+                    restart_on_deadline=False,
                 )
             if session.closed and outcome != "done":
-                raise _closed(session, "ran")
+                raise closed_error(session, "ran")
             if outcome == "dead":
-                exit_ = session.kernel.exit
-                await self._drop_kernel(session, cause="died")
-                session.restarted_note = exit_.describe() if exit_ else "the kernel died"
+                await self.kernel_ended(session, cause="died")
                 return []
+            if outcome == "deadline":
+                raise Conflict(
+                    f"session {key}: the kernel did not answer within {VARIABLES_TIMEOUT:g}s"
+                    " (busy with a cell from another client?); nothing was interrupted, try"
+                    " again later",
+                    code="kernel_busy",
+                )
             return answers.user_expression(run).get("variables", [])
 
     async def shutdown_package(self, package_id: str) -> int:
         victims = [s for s in self._sessions.values() if s.package.id == package_id]
-        await asyncio.gather(*(self._close(s) for s in victims))
+        await asyncio.gather(*(self._close_quietly(s, "retired") for s in victims))
         return len(victims)
 
     async def _cull_loop(self) -> None:
         idle_limit = self.settings.session_idle_seconds
         while True:
             await asyncio.sleep(min(60.0, max(1.0, idle_limit / 4)))
-            now = time.time()
-            for s in list(self._sessions.values()):
-                if not s.busy and s.waiting == 0 and now - s.last_used > idle_limit:
-                    log.info("culling idle session %s", s.key)
-                    await self._close(s)
+            try:
+                await self._cull(idle_limit)
+            except Exception:  # noqa: BLE001 - the culler must outlive any one failure
+                log.exception("culling idle sessions failed; trying again later")
 
-
-def _closed(session: Session, while_: str) -> NotFound:
-    return NotFound(
-        f"Session {session.session_id} was closed while this call {while_}",
-        code="session_closed",
-    )
-
-
-@contextlib.contextmanager
-def _unless_closed(session: Session, while_: str):  # type: ignore[no-untyped-def]
-    """Closing a session stops its kernel's channels under a running call: whatever that
-    call then raises (a cancelled socket poll, a closed socket) becomes session_closed."""
-    try:
-        yield
-    except BaseException:
-        task = asyncio.current_task()
-        if session.closed and not (task is not None and task.cancelling()):
-            raise _closed(session, while_) from None
-        raise
+    async def _cull(self, idle_limit: float) -> None:
+        now = time.time()
+        for s in list(self._sessions.values()):
+            # A cell running from any client (a console) is activity, as in jupyter_server.
+            if s.busy or s.waiting or s.kernel_busy() or now - s.last_active() <= idle_limit:
+                continue
+            log.info("culling idle session %s", s.key)
+            await self._close_quietly(s, "idle")
