@@ -17,6 +17,10 @@ COPY --from=build /wheels /tmp/wheels
 RUN pip install --no-cache-dir "$(ls /tmp/wheels/pixell_kernel_runtime-*.whl)[analysis]" \
     && rm -rf /tmp/wheels
 
+# Bound to 0.0.0.0 with no AUTH_TOKENS_FILE or OIDC_ISSUER set, the server generates a token,
+# prints it once at start (`docker logs`) and requires it. Mount a tokens file and set
+# AUTH_TOKENS_FILE (or OIDC_ISSUER/OIDC_AUDIENCE) for real tenants; AUTH=none turns
+# authentication off (loudly): only for a private, trusted network.
 ENV HOST=0.0.0.0 \
     PORT=8000 \
     STATE_DIR=/var/lib/pixell-kernel-runtime \
