@@ -267,7 +267,9 @@ async def serve(settings: Settings) -> None:
         app = make_app(runtime)
         server = tornado.httpserver.HTTPServer(
             app,
-            max_body_size=settings.max_body_bytes,
+            # Each handler enforces its own cap with a 413 (JSON bodies MAX_BODY_BYTES, uploads
+            # MAX_UPLOAD_BYTES); this outer bound only stops what no handler would take.
+            max_body_size=max(settings.max_body_bytes, settings.max_upload_bytes),
             # Uploads raise their own cap per request (stream_request_body).
             max_buffer_size=settings.max_body_bytes,
             xheaders=False,

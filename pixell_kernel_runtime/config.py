@@ -121,6 +121,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "PACKAGE_CACHE_DIR": ("package_cache_dir", Path),
     "PACKAGES_DIR": ("packages_dir", Path),
     "MAX_UPLOAD_BYTES": ("max_upload_bytes", int),
+    "MAX_BODY_BYTES": ("max_body_bytes", int),
     "LOG_LEVEL": ("log_level", str),
     "LOG_FORMAT": ("log_format", str),
     "METRICS_ENABLED": ("metrics_enabled", _as_bool),

@@ -7,7 +7,10 @@ the session that was there before still holds its state.
 
 from __future__ import annotations
 
+import http.client
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -146,3 +149,43 @@ def test_a_body_with_too_many_values_is_a_413(client: Client) -> None:
     assert str(MAX_JSON_VALUES) in doc["message"], doc
     assert sid not in session_ids(client)
     assert invocations(client) == before
+
+
+def test_a_json_body_over_max_body_bytes_is_a_413_in_the_envelope(tmp_path: Path) -> None:
+    """Over MAX_BODY_BYTES: a 413 with the envelope (tornado alone answers a bare 400 and
+    closes), by Content-Length before the body is read, and for a chunked body as it arrives."""
+    from conftest import stop_all
+
+    server = Server(tmp_path / "state", ["--examples"], {"MAX_BODY_BYTES": "65536"}).start()
+    try:
+        path = "/runtime/agents/pixell-python-agent@0.1.0%2Fcode-executor/invoke"
+        big = json.dumps({"input": {"code": "x = '" + "a" * 70000 + "'"}}).encode()
+        resp = server.client.request("POST", path, big, {"Content-Type": "application/json"})
+        assert resp.status == 413, resp
+        body = resp.json()
+        assert body["code"] == "body_too_large" and "65536" in body["message"], body
+        # Chunked (no Content-Length): counted as it arrives.
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        try:
+            conn.putrequest("POST", path)
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            for i in range(0, len(big), 8192):
+                piece = big[i : i + 8192]
+                conn.send(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            conn.send(b"0\r\n\r\n")
+            chunked = conn.getresponse()
+            data = json.loads(chunked.read())
+        finally:
+            conn.close()
+        assert chunked.status == 413 and data["code"] == "body_too_large", data
+        # Under the cap, the same route works.
+        small = server.client.invoke(
+            "pixell-python-agent@0.1.0/code-executor", {"code": "1 + 1", "session_id": "s"}
+        )
+        assert small.status == 200 and small.json()["output"]["result"] == 2, small
+        sessions = server.client.get("/runtime/sessions").json()["sessions"]
+        assert [s["session_id"] for s in sessions] == ["s"]  # the refused calls made none
+    finally:
+        stop_all([server])

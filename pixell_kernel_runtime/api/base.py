@@ -151,8 +151,13 @@ def _implemented(handler: type[tornado.web.RequestHandler]) -> list[str]:
     ]
 
 
+@tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
-    """JSON in, JSON out, every error in the contract's envelope."""
+    """JSON in, JSON out, every error in the contract's envelope.
+
+    Bodies are streamed (tornado's stream_request_body) so that a body over its cap is a 413 in
+    the envelope, decided from Content-Length before a byte is read (or as it arrives), not
+    tornado's bare 400 and a closed connection; only what fits the cap is ever held."""
 
     #: The route pattern used as a metrics label (never the raw path).
     route = "unknown"
@@ -162,8 +167,13 @@ class BaseHandler(tornado.web.RequestHandler):
     query_token = False
     principal: Principal | None = None
 
+    _body_too_large = False
+    #: The body is buffered (up to MAX_BODY_BYTES) for json_body; False: the handler streams it.
+    buffers_body = True
+
     def initialize(self, **kwargs: Any) -> None:
         self.runtime = kwargs.get("runtime") or self.application.settings["runtime"]
+        self._body = bytearray()
 
     async def prepare(self) -> None:
         incoming = self.request.headers.get("X-Request-ID", "")
@@ -171,6 +181,28 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("X-Request-ID", self.request_id)
         self._started = time.perf_counter()
         self.principal = await self._authenticate()
+        length = self.request.headers.get("Content-Length", "")
+        if self.buffers_body and length.isdigit() and int(length) > self.body_limit():
+            raise self._too_large()
+
+    def body_limit(self) -> int:
+        return self.runtime.settings.max_body_bytes
+
+    def _too_large(self) -> RuntimeAPIError:
+        return RuntimeAPIError(
+            f"the request body is larger than {self.body_limit()} bytes (MAX_BODY_BYTES)",
+            status=413,
+            kind="PayloadTooLarge",
+            code="body_too_large",
+        )
+
+    def data_received(self, chunk: bytes) -> None:
+        # A chunked body without Content-Length: counted as it arrives, the excess dropped.
+        if self._body_too_large or len(self._body) + len(chunk) > self.body_limit():
+            self._body_too_large = True
+            self._body.clear()
+            return
+        self._body += chunk
 
     async def _authenticate(self) -> Principal | None:
         needed = self.scopes.get(self.request.method or "", "admin")
@@ -250,7 +282,9 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def json_body(self, schema: dict[str, Field]) -> dict[str, Any]:
         """Parse the body as a JSON object and check it against ``schema``."""
-        raw = self.request.body
+        if self._body_too_large:
+            raise self._too_large()
+        raw = bytes(self._body)
         body = parse_json(raw) if raw.strip() else None
         if body is None:
             body = {}

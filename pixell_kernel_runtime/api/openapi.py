@@ -28,7 +28,8 @@ _REASONS = {
     "digest, a body that cannot be parsed by its Content-Type, a path that is not UTF-8)",
     404: "No such agent, package or session",
     409: "Conflict with the session's state",
-    413: "Upload larger than MAX_UPLOAD_BYTES",
+    413: "Body over its cap: MAX_UPLOAD_BYTES for uploads, MAX_BODY_BYTES (or 1,000,000 JSON "
+    "values) for JSON bodies",
     415: "Not multipart/form-data",
     422: "The body does not match its schema (`details` lists each problem)",
     429: "The session's queue is full; retry later",
@@ -139,7 +140,7 @@ def _paths() -> dict[str, Any]:
             "post": _op(
                 "Load an .apkg file that is on the server",
                 ref("LoadAnswer"),
-                (422,),
+                (413, 422),
                 scope=write,
                 body=("application/json", _LOAD_BODY, True),
             )
@@ -176,7 +177,7 @@ def _paths() -> dict[str, Any]:
                 "Invoke an agent in its session's kernel (a user-code exception, a timeout "
                 "or a kernel death is a 200 whose output says so)",
                 ref("InvokeAnswer"),
-                (404, 422, 429, 503),
+                (404, 413, 422, 429, 503),
                 scope="invoke",
                 params=agent,
                 body=("application/json", ref("InvokeRequest"), False),

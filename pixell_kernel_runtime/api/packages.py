@@ -122,6 +122,9 @@ class UploadHandler(BaseHandler):
     # Set before prepare() runs: a request refused earlier (401, 405) still ends in _cleanup.
     _out: io.BufferedWriter | None = None
 
+    # Its own streaming parser and cap (MAX_UPLOAD_BYTES, 413 upload_too_large).
+    buffers_body = False
+
     async def prepare(self) -> None:
         await super().prepare()  # authenticated before a byte of the body is accepted
         self._failure: RuntimeAPIError | None = None
