@@ -33,7 +33,7 @@ from pixell_kernel_runtime.config import Settings
 from pixell_kernel_runtime.errors import RuntimeAPIError
 from pixell_kernel_runtime.packages import builder
 from pixell_kernel_runtime.packages.store import PackageStore
-from pixell_kernel_runtime.sandbox import Sandbox
+from pixell_kernel_runtime.sandbox import Sandbox, layout
 from pixell_kernel_runtime.sandbox.core import AUTO
 from pixell_kernel_runtime.sessions.manager import SessionManager
 
@@ -63,7 +63,9 @@ class Runtime:
         self.auth = Authenticator.from_settings(settings)
         # An operator's RUN_DIR is theirs: only what the runtime creates in it is removed.
         self._own_run_dir = settings.run_dir is None
-        self.run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="pkr-", dir="/tmp"))
+        self.run_dir = settings.run_dir or Path(
+            tempfile.mkdtemp(prefix=layout.run_dir_prefix(), dir="/tmp")
+        )
         if self._own_run_dir:
             # Kernel uids pass through it to their own sockets (Landlock mode); never list it.
             os.chmod(self.run_dir, 0o711)
@@ -91,6 +93,10 @@ class Runtime:
         self.started_at = time.time()
 
     async def start(self) -> None:
+        if self._own_run_dir:
+            stale = await asyncio.to_thread(layout.sweep_dead_run_dirs, str(self.run_dir.parent))
+            if stale:
+                log.info("removed %d run dirs of servers that died: %s", len(stale), stale)
         await self.sandbox.start()
         await self.store.open()
         await self.sessions.start()

@@ -517,6 +517,19 @@ def test_kernels_die_with_a_sigkilled_server(
             assert wait_for(lambda: not alive(kernels), 20), [
                 (p, Path(f"/proc/{p}/cmdline").read_bytes()[:100]) for p in alive(kernels)
             ]
+            # What the dead server left (its run dir, session tmpfs mounts, cgroups) is swept
+            # by the next server that starts.
+            with open("/proc/self/mountinfo") as fh:
+                assert any(line.split()[4].startswith(run_dir + "/") for line in fh)
+            server_factory(state_dir=srv.state_dir.parent / "state-next")
+            assert not os.path.exists(run_dir)
+            with open("/proc/self/mountinfo") as fh:
+                left = [ln.split()[4] for ln in fh if ln.split()[4].startswith(run_dir + "/")]
+            assert left == [], left
+            cgroups = [
+                d for b in Path("/sys/fs/cgroup").iterdir() for d in b.glob(f"pkr-{server_pid}-*")
+            ]
+            assert cgroups == [], cgroups
         finally:
             for pid in alive(kernels):
                 with contextlib.suppress(OSError):

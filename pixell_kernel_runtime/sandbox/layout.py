@@ -205,6 +205,49 @@ def sweep(run_dir: str) -> int:
     return len(points)
 
 
+RUN_DIR_PREFIX = "pkr-"
+
+
+def run_dir_prefix() -> str:
+    """The runtime's own run dirs are named after the server's pid: ``pkr-<pid>-XXXX``."""
+    return f"{RUN_DIR_PREFIX}{os.getpid()}-"
+
+
+def sweep_dead_run_dirs(parent: str) -> list[str]:
+    """Run dirs (and their session tmpfs mounts) left in ``parent`` by servers that died without
+    cleaning up (SIGKILL, OOM): only ``pkr-<pid>-*`` dirs of ours whose pid is gone."""
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] + "-" != RUN_DIR_PREFIX or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        path = os.path.join(parent, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if pid == os.getpid() or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # its server still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        libc = _libc()
+        for point in sorted(mounts_under(path), key=len, reverse=True):
+            libc.umount2(point.encode(), MNT_DETACH)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def open_log(path: str) -> int:
     """The kernel's stdout/stderr file, opened so that nothing at ``path`` can fool us:
     never through a link, never blocking on a FIFO, only ever a regular file."""
