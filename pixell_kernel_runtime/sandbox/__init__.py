@@ -2,9 +2,9 @@
 
 ``from pixell_kernel_runtime.sandbox import Sandbox, SandboxUnavailable``
 
-Kept import-free on purpose: the launcher (``python -m pixell_kernel_runtime.sandbox.launcher``)
-imports this package on every kernel start and must stay stdlib-only and fast, so the server-side
-classes are loaded lazily on first attribute access.
+Kept import-free on purpose: the server-side classes are loaded lazily on first attribute
+access, so that importing ``pixell_kernel_runtime.sandbox.<module>`` (the provisioner, the
+stdlib-only ``confine``/``seccomp`` the launcher also loads by path) stays cheap.
 """
 
 from __future__ import annotations
