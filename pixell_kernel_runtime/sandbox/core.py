@@ -190,8 +190,8 @@ class Sandbox:
         resource_tier: int | None = None,
     ) -> SandboxSession:
         """A session's ids and directories (blocking file work: call from a thread)."""
-        name = secrets.token_hex(4)
-        key = f"{name}"
+        # The session's dir names and its key in the uid pool.
+        key = secrets.token_hex(4)
         resolved = policy.resolve(
             self.config,
             package_name=package_name,
@@ -209,7 +209,7 @@ class Sandbox:
         try:
             dirs = layout.create(
                 str(self.run_dir),
-                name,
+                key,
                 owners,
                 disk_bytes=resolved.disk_bytes,
                 inodes=resolved.inodes,

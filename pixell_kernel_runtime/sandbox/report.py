@@ -59,11 +59,11 @@ def what_is_missing(sb: Any) -> list[tuple[str, str]]:
                 "connect to another's ipc sockets and read its output",
             )
         )
-    if not getattr(sb, "_quota_ok", False):
+    if not sb._quota_ok:
         out.append(
             (
                 "disk quota",
-                f"{getattr(sb, '_quota_reason', None)}; a kernel's files are bounded per file "
+                f"{sb._quota_reason}; a kernel's files are bounded per file "
                 "(RLIMIT_FSIZE), not in total",
             )
         )
@@ -123,8 +123,8 @@ def report(sb: Any) -> dict[str, Any]:
         uid_reason = pr.get("uid", {}).get("reason") or "server is not root"
     layers: dict[str, dict[str, Any]] = {
         "disk_quota": {
-            "enabled": bool(getattr(sb, "_quota_ok", False)),
-            "reason": getattr(sb, "_quota_reason", None),
+            "enabled": sb._quota_ok,
+            "reason": sb._quota_reason,
             "detail": "each session's writable tree is a tmpfs with size and inode limits "
             "(tier disk/inodes); /dev/shm is a tmpfs of the tier's shm size",
         },
