@@ -232,9 +232,7 @@ class Sandbox:
 
     def close_session(self, session: SandboxSession) -> None:
         """Kill whatever is left of the session, give its ids back, remove its trees."""
-        self.end_launch(session)
-        if session.owners.separated:
-            _kill_ids(session.owners)
+        self.end_launch(session)  # the last launch's sweep, if its cleanup did not run
         layout.remove(session.dirs)
         with self._lock:
             self._sessions.pop(session.key, None)
@@ -253,6 +251,7 @@ class Sandbox:
         if not self._started or self._plan is None:
             raise RuntimeError("Sandbox.start() must complete before a kernel is launched")
         self.end_launch(session)  # a launch without its cleanup: start from scratch
+        session.launched = True
         p, resolved = self._plan, session.resolved
         data_dirs = []
         for d in resolved.data_dirs:
@@ -317,6 +316,9 @@ class Sandbox:
 
     def end_launch(self, session: SandboxSession) -> None:
         """After a kernel process ended (restart or shutdown): nothing it started survives."""
+        if not session.launched:
+            return  # nothing ran yet: no /proc sweep on the way to the first start
+        session.launched = False
         kc, session.cgroups = session.cgroups, None
         if kc is not None:
             cgroups.kill_all(kc)
@@ -363,6 +365,7 @@ class SandboxSession:
     package_name: str
     package_id: str
     cgroups: cgroups.KernelCgroups | None = None
+    launched: bool = False  # prepared for a launch since the last end_launch
 
 
 def _write_private(path: str, data: bytes) -> None:
