@@ -283,6 +283,33 @@ def read_log_tail(path: str, limit: int = 2000) -> str:
         os.close(fd)
 
 
+def _set_socket_dir(dirs: SessionDirs, uid: int, gid: int, mode: int) -> None:
+    fd = os.open(dirs.sockets, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def open_socket_dir(dirs: SessionDirs, owners: Owners) -> None:
+    """Before a launch: the kernel may bind its ipc sockets in its socket dir."""
+    if owners.separated:
+        owner = _tree_owner(owners)
+        _set_socket_dir(dirs, -1 if owner is None else owner, owners.gid, owners.tree_mode)
+
+
+def lock_socket_dir(dirs: SessionDirs, owners: Owners) -> None:
+    """Once the kernel has bound its sockets (before any user code runs): the server connects
+    to those paths, so the kernel must not be able to swap one for a link to another socket.
+    The dir becomes the guard's, readable and searchable by the kernel's group, writable by
+    nobody but root."""
+    if owners.separated:
+        _set_socket_dir(
+            dirs, owners.guard_uid, owners.gid, 0o050 if owners.kernel_uid == 0 else 0o750
+        )
+
+
 def secure_connection_file(path: str, owners: Owners) -> None:
     """jupyter_client wrote it 0600 as us: let the kernel's group read it, nobody write it."""
     if not owners.separated:

@@ -50,6 +50,8 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
         await asyncio.to_thread(
             layout.secure_connection_file, session.dirs.connection_file, session.owners
         )
+        # Locked again by the kernel's owner once the new kernel has bound its sockets.
+        await asyncio.to_thread(layout.open_socket_dir, session.dirs, session.owners)
         prefix, env, cwd = await asyncio.to_thread(sandbox.prepare_launch, session, kernel_env)
         kwargs["cmd"] = prefix + list(kwargs["cmd"])
         kwargs["env"] = env

@@ -267,6 +267,10 @@ class SessionKernel:
             await self.kc.wait_for_ready(timeout=START_TIMEOUT)
         except RuntimeError as exc:
             raise KernelStartError(str(exc)) from exc
+        # Its sockets are bound and no user code has run yet: from now on the kernel cannot
+        # change the paths the server connects to.
+        session = self.km.sandbox_session
+        await asyncio.to_thread(layout.lock_socket_dir, session.dirs, session.owners)
         run = runner.send(self.kc, bootstrap_code(), silent=True)
         outcome = await runner.gather(
             self.kc, run, deadline=time.monotonic() + START_TIMEOUT, is_alive=self.is_alive

@@ -493,6 +493,40 @@ def test_server_files_in_the_kernel_tree_cannot_be_swapped(h: Host) -> None:
     assert ok(after) == "started"
 
 
+# The socket dir: the server connects (as root) to the paths the kernel bound.
+SOCKETS = r"""
+conn = json.load(open(P["conn"]))
+base = conn["ip"]
+sockdir = os.path.dirname(base)
+shell = "%s-%d" % (base, conn["shell_port"])
+R["bound"] = os.path.exists(shell)
+attempt("unlink a bound socket", os.unlink, shell)
+attempt("rename a bound socket", os.rename, shell, shell + ".moved")
+attempt("symlink a new endpoint", os.symlink, "/run/some-other.sock", base + "-65000")
+attempt("create a file", lambda: open(os.path.join(sockdir, "x"), "w").close())
+attempt("chmod the dir", os.chmod, sockdir, 0o777)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_the_kernel_cannot_change_the_sockets_the_server_connects_to(h: Host) -> None:
+    # issue 7 item 3, its last piece: the ipc sockets live in a dir the kernel needs to bind
+    # in; once they are bound (before any user code), the dir is the guard's again.
+    sid = "sockets"
+    for attempt_no in range(2):
+        conn = session_info(h, PKG, sid)["connection_file"] if attempt_no else None
+        if conn is None:
+            ok(run(h, "result = 1", sid))
+            conn = session_info(h, PKG, sid)["connection_file"]
+        got = ok(run(h, cell(SOCKETS, conn=conn), sid))
+        assert got.pop("bound") is True, got
+        assert_all_failed(got)
+        assert ok(run(h, "result = 6 * 7", sid)) == 42  # the server still reaches it
+        # After a restart the new kernel binds again, and the dir is locked again.
+        resp = h.client.post_json(session_url(PKG, sid) + "/restart", {}, timeout=120)
+        assert resp.status == 200, resp
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_kernel_log_fifo_does_not_hang_the_server(
