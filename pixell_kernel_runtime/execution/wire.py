@@ -110,6 +110,26 @@ def _stub(header: dict[str, Any], parent: dict[str, Any], **extra: Any) -> dict[
     }
 
 
+def _dropped(
+    session: Session,
+    parts: list[Any],
+    header: Any,
+    parent: Any,
+    wire: int,
+    values: int | None,
+    reason: str,
+) -> dict[str, Any]:
+    """A signature-checked message too big to parse: its headers only, and why."""
+    _verify(session, parts)
+    return _stub(
+        _small_dict(session, header),
+        _small_dict(session, parent),
+        wire_bytes=wire,
+        wire_values=values,
+        dropped=reason,
+    )
+
+
 def parse(session: Session, frames: list[Frame]) -> dict[str, Any]:
     """One received message as jupyter_client's dict, or a stub; never raises.
 
@@ -120,27 +140,13 @@ def parse(session: Session, frames: list[Frame]) -> dict[str, Any]:
     try:
         parts = _split(frames)
         if wire > MESSAGE_LIMIT:
-            _verify(session, parts)
             reason = f"{wire} bytes, over the {MESSAGE_LIMIT}-byte message limit"
-            return _stub(
-                _small_dict(session, parts[1]),
-                _small_dict(session, parts[2]),
-                wire_bytes=wire,
-                wire_values=None,
-                dropped=reason,
-            )
+            return _dropped(session, parts, parts[1], parts[2], wire, None, reason)
         head = [_raw(p) for p in parts[:5]]
         values = count_values(head[1:])
         if values > MESSAGE_VALUES_LIMIT:
-            _verify(session, parts)
             reason = f"up to {values} JSON values, over the {MESSAGE_VALUES_LIMIT}-value limit"
-            return _stub(
-                _small_dict(session, head[1]),
-                _small_dict(session, head[2]),
-                wire_bytes=wire,
-                wire_values=values,
-                dropped=reason,
-            )
+            return _dropped(session, parts, head[1], head[2], wire, values, reason)
         msg = session.deserialize([*head, *parts[5:]], copy=True)
     except Exception as exc:  # noqa: BLE001 - whatever the kernel sent, the caller gets a dict
         return _stub({}, {}, wire_bytes=wire, wire_values=None, invalid=f"{exc}"[:200])
