@@ -25,7 +25,17 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import EXAMPLES, Client, Response, Server, make_apkg, manifest_yaml, serving, wait_for
+from conftest import (
+    EXAMPLES,
+    Client,
+    Response,
+    Server,
+    make_apkg,
+    manifest_yaml,
+    process_tree,
+    serving,
+    wait_for,
+)
 
 from pixell_kernel_runtime.packages.builder import build_all
 
@@ -94,28 +104,6 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def process_tree(pid: int) -> set[int]:
-    """``pid`` and all its descendants, read from /proc."""
-    out: set[int] = set()
-    stack = [pid]
-    while stack:
-        p = stack.pop()
-        if p in out:
-            continue
-        out.add(p)
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                children = Path(f"/proc/{p}/task/{tid}/children").read_text()
-                stack.extend(int(c) for c in children.split())
-            except (OSError, ValueError):
-                pass
-    return out
 
 
 def ns_pid(pid: int) -> int | None:
