@@ -132,6 +132,8 @@ class CellRun:
     user_expressions: dict[str, Any] = field(default_factory=dict)
     idle: bool = False
     truncated: bool = False
+    # Told each piece of output as it is kept (after the caps): an execution record's emit.
+    listener: Callable[[str, dict[str, Any]], Any] | None = None
     _streams: dict[str, _Text] = field(
         default_factory=lambda: {"stdout": _Text(), "stderr": _Text(), "exception": _Text()}
     )
@@ -177,10 +179,11 @@ class CellRun:
         self.truncated = True
         self._dropped_count += 1
         self._dropped_bytes += size
+        dropped = {"msg_type": msg.get("msg_type", ""), "bytes": size, "reason": msg["dropped"]}
         if len(self._dropped) < LISTED_DROPS:
-            self._dropped.append(
-                {"msg_type": msg.get("msg_type", ""), "bytes": size, "reason": msg["dropped"]}
-            )
+            self._dropped.append(dropped)
+        if self.listener is not None:
+            self.listener("status", {"truncated": True, "dropped": dropped})
 
     def _append_stream(self, name: str, text: str, size: int) -> None:
         tally = self._streams[name]
@@ -202,6 +205,8 @@ class CellRun:
             self.stdout += text
         else:
             self.stderr += text
+        if self.listener is not None and text:
+            self.listener(name, {"text": text})
 
     def _append_output(self, kind: str, content: dict[str, Any], size: int, values: int) -> None:
         tally = self._outputs
@@ -222,6 +227,11 @@ class CellRun:
         if metadata and isinstance(metadata, dict):
             item["metadata"] = metadata
         self.outputs.append(item)
+        if self.listener is not None:
+            if kind == "execute_result":
+                self.listener("result", {**item, "execution_count": self.execution_count})
+            else:
+                self.listener("display", item)
         tally.count_kept += 1
         tally.bytes_kept += size
         tally.values_kept += values
@@ -278,6 +288,8 @@ class CellRun:
         elif kind == "error":
             self._streams["exception"].bytes_seen += size
             self.error = self._error_from(content)
+            if self.listener is not None:
+                self.listener("error", self.error)
         elif kind == "execute_input":
             self.execution_count = _count(content.get("execution_count")) or self.execution_count
         elif kind == "clear_output":
@@ -317,6 +329,7 @@ def send(
     *,
     silent: bool = False,
     user_expressions: dict[str, str] | None = None,
+    listener: Callable[[str, dict[str, Any]], Any] | None = None,
 ) -> CellRun:
     msg_id = kc.execute(
         code,
@@ -326,7 +339,7 @@ def send(
         allow_stdin=False,
         stop_on_error=False,
     )
-    return CellRun(msg_id)
+    return CellRun(msg_id, listener=listener)
 
 
 async def gather(
@@ -335,16 +348,20 @@ async def gather(
     *,
     deadline: float,
     is_alive: Callable[[], Awaitable[bool]],
+    stop: Callable[[], bool] | None = None,
 ) -> str:
-    """Read messages for ``run`` until it completes, the deadline passes or the kernel dies.
+    """Read messages for ``run`` until it completes, the deadline passes, ``stop()`` says so
+    (a cancel: seen within ``POLL_SECONDS``) or the kernel dies.
 
-    Returns ``"done"``, ``"deadline"`` or ``"dead"``. Can be called again on
+    Returns ``"done"``, ``"deadline"``, ``"stopped"`` or ``"dead"``. Can be called again on
     the same run (after an interrupt) to keep gathering.
     """
     while not run.complete:
         now = time.monotonic()
         if now >= deadline:
             return "deadline"
+        if stop is not None and stop():
+            return "stopped"
         timeout = min(POLL_SECONDS, deadline - now)
         got = await _next_message(kc, run, timeout)
         if not got and not await is_alive():

@@ -308,19 +308,25 @@ class SessionKernel:
         silent: bool = False,
         user_expressions: dict[str, str] | None = None,
         restart_on_deadline: bool = True,
+        listener: Callable[[str, dict[str, Any]], Any] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> tuple[runner.CellRun, str]:
         """Run ``code``. Outcome: done, timeout (state kept), timeout_restarted, or dead;
-        ``deadline`` (nothing done to the kernel) without ``restart_on_deadline``.
+        ``deadline`` (nothing done to the kernel) without ``restart_on_deadline``; cancelled
+        or cancelled_restarted when ``stop()`` turned true (a cancel: handled as a deadline).
 
         Raises KernelStartError when the restart after a deadline cannot start a kernel."""
         assert self.kc is not None
         await runner.drain(self.kc)
-        run = runner.send(self.kc, code, silent=silent, user_expressions=user_expressions)
-        outcome = await runner.gather(
-            self.kc, run, deadline=time.monotonic() + timeout, is_alive=self.is_alive
+        run = runner.send(
+            self.kc, code, silent=silent, user_expressions=user_expressions, listener=listener
         )
-        if outcome != "deadline" or not restart_on_deadline:
+        outcome = await runner.gather(
+            self.kc, run, deadline=time.monotonic() + timeout, is_alive=self.is_alive, stop=stop
+        )
+        if outcome not in ("deadline", "stopped") or not restart_on_deadline:
             return run, outcome
+        why = "timeout" if outcome == "deadline" else "cancelled"
         # Deadline: ask politely, then restart (losing state) if the cell ignores it.
         try:
             await self.km.interrupt_kernel()
@@ -330,11 +336,11 @@ class SessionKernel:
             self.kc, run, deadline=time.monotonic() + INTERRUPT_GRACE, is_alive=self.is_alive
         )
         if outcome == "done":
-            return run, "timeout"
+            return run, why
         if outcome == "dead":
             return run, "dead"
         await self.restart()
-        return run, "timeout_restarted"
+        return run, f"{why}_restarted"
 
     async def interrupt(self) -> None:
         await self.km.interrupt_kernel()

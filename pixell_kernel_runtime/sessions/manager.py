@@ -116,6 +116,13 @@ class SessionManager:
         except KeyError:
             raise NotFound(f"Session not found: {key}", code="session_not_found") from None
 
+    def by_kernel_id(self, kernel_id: str, tenant: str = DEFAULT_TENANT) -> Session:
+        """A session by its Jupyter kernel id; another tenant's is not found."""
+        for session in self._sessions.values():
+            if session.kernel_id == kernel_id and session.tenant == tenant:
+                return session
+        raise NotFound(f"Kernel does not exist: {kernel_id}", code="kernel_not_found")
+
     async def session_for(
         self,
         package: InstalledPackage,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -46,6 +47,9 @@ class Session:
     restart_reason: str | None = None
     # Why the last kernel ended while no other runs yet (it died, a restart failed).
     ended: str | None = None
+    # Its id on the Jupyter kernels API (jupyter_server's routes take only UUID-shaped ids):
+    # stable for the session's life, whatever kernel process runs under it.
+    kernel_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     waiting: int = 0
     closed: bool = False
@@ -76,6 +80,7 @@ class Session:
         out = {
             "id": self.key,
             "session_id": self.session_id,
+            "kernel_id": self.kernel_id,
             "tenant": self.tenant,
             "package_id": self.package.id,
             "kernel_state": self.state(),

@@ -1,0 +1,291 @@
+"""An execution is a record: what one call (an invoke, a notebook cell) did, as it happens.
+
+Every surface reads the same record: plain invoke waits for its ``answer``; SSE and websocket
+streams follow its event log; the Jupyter channels feed it the cells they run; the notebook
+export reads a session's records; metering will read finished ones. None of them gathers
+kernel messages on its own.
+
+The event log is append-only and bounded (events and bytes): when it is full the oldest
+events go, and a reader that had not read them gets one ``gap`` event saying what it missed.
+Writers never wait for readers: a slow reader only falls behind, it never slows the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pixell_kernel_runtime.errors import NotFound
+
+QUEUED = "queued"
+RUNNING = "running"
+DONE = "done"
+ERROR = "error"
+TIMEOUT = "timeout"
+CANCELLED = "cancelled"
+KERNEL_DIED = "kernel_died"
+STATES = (QUEUED, RUNNING, DONE, ERROR, TIMEOUT, CANCELLED, KERNEL_DIED)
+FINAL = frozenset(STATES) - {QUEUED, RUNNING}
+
+# What a stream reader is sent (the log's own kinds, plus ``gap``).
+EVENT_KINDS = ("status", "stdout", "stderr", "display", "result", "error", "done", "gap")
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int  # 1, 2, ... per execution: an SSE event id, what Last-Event-ID names
+    kind: str
+    data: dict[str, Any]
+    size: int  # bytes of its JSON, counted against the log's bound
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "event": self.kind, "data": self.data}
+
+
+@dataclass(frozen=True)
+class LogLimits:
+    events: int = 10_000
+    bytes: int = 8 * 1024 * 1024
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+@dataclass
+class Execution:
+    """One call's record. Mutated only on the event loop."""
+
+    id: str
+    agent_id: str | None
+    session_key: str
+    session_id: str
+    tenant: str
+    subject: str
+    kind: str  # the agent kind (code-executor, handler) or "notebook" for a Jupyter cell
+    code: str | None = None  # the cell's source, when there is one (export, replay)
+    input: dict[str, Any] | None = None  # a handler call's input (export)
+    limits: LogLimits = field(default_factory=LogLimits)
+    state: str = QUEUED
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    ended: float | None = None
+    # The body a plain invoke answers (``output`` inside); a notebook cell's outputs.
+    answer: dict[str, Any] | None = None
+    execution_count: int | None = None
+    # Set by the runner of the call: interrupts it (then restarts past the grace).
+    canceller: Callable[[], Awaitable[None]] | None = None
+    cancel_requested: bool = False
+    _events: deque[Event] = field(default_factory=deque)
+    _bytes: int = 0
+    _next_seq: int = 1
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    # ---- writing (the call's runner) -----------------------------------
+
+    def emit(self, kind: str, data: dict[str, Any]) -> Event:
+        size = len(json.dumps(data, default=str, ensure_ascii=False))
+        event = Event(self._next_seq, kind, data, size)
+        self._next_seq += 1
+        self._events.append(event)
+        self._bytes += size
+        # The newest event always stays, even alone over the byte bound.
+        while len(self._events) > 1 and (
+            len(self._events) > self.limits.events or self._bytes > self.limits.bytes
+        ):
+            self._bytes -= self._events.popleft().size
+        self._wake()
+        return event
+
+    def start(self) -> None:
+        if self.state == QUEUED:
+            self.state = RUNNING
+            self.started = time.time()
+            self.emit("status", {"state": RUNNING, "execution_id": self.id})
+
+    def finish(self, state: str, answer: dict[str, Any] | None) -> None:
+        """The final state and answer; the log's last event is ``done`` with the answer."""
+        if self.state in FINAL:
+            return
+        assert state in FINAL, state
+        self.state = state
+        self.answer = answer
+        self.ended = time.time()
+        self.emit("done", {"state": state, "execution_id": self.id, **(answer or {})})
+        self._finished.set()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # ---- reading (every surface) ---------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL
+
+    @property
+    def last_seq(self) -> int:
+        return self._next_seq - 1
+
+    async def wait(self) -> None:
+        await self._finished.wait()
+
+    async def follow(self, after: int = 0, keepalive: float | None = None) -> AsyncIterator[Event]:
+        """Events with ``seq > after``, as they come, until ``done``; a ``gap`` event first
+        for what the log no longer holds. With ``keepalive`` a quiet stream yields a
+        ``keepalive`` event (seq 0, not logged) every that many seconds."""
+        while True:
+            changed = self._changed
+            first = self._events[0].seq if self._events else self._next_seq
+            if after + 1 < first:
+                yield Event(0, "gap", {"from": after + 1, "to": first - 1}, 0)
+                after = first - 1
+            for event in list(self._events):
+                if event.seq > after:
+                    yield event
+                    after = event.seq
+                    if event.kind == "done":
+                        return
+            if self.done and after >= self.last_seq:
+                return
+            try:
+                await asyncio.wait_for(changed.wait(), keepalive)
+            except TimeoutError:
+                yield Event(0, "keepalive", {}, 0)
+
+    async def cancel(self) -> bool:
+        """Ask the call to stop; False if it had already finished."""
+        if self.done:
+            return False
+        self.cancel_requested = True
+        self._wake()
+        if self.canceller is not None:
+            await self.canceller()
+        return True
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "state": self.state,
+            "agent_id": self.agent_id,
+            "session": self.session_key,
+            "session_id": self.session_id,
+            "kind": self.kind,
+            "created": _iso(self.created),
+            "started": _iso(self.started),
+            "ended": _iso(self.ended),
+            "events": self.last_seq,
+            "execution_count": self.execution_count,
+        }
+        if self.done:
+            out["answer"] = self.answer
+        return out
+
+
+class ExecutionStore:
+    """Live executions, and finished ones for ``keep_seconds`` (at most ``keep_count``)."""
+
+    # Ids of executions that aged out, so that they answer "expired" rather than "not found".
+    EXPIRED_IDS = 100_000
+
+    def __init__(
+        self, keep_seconds: float = 3600.0, keep_count: int = 1000, limits: LogLimits | None = None
+    ) -> None:
+        self.keep_seconds = keep_seconds
+        self.keep_count = keep_count
+        self.limits = limits or LogLimits()
+        self._all: OrderedDict[str, Execution] = OrderedDict()
+        self._expired: OrderedDict[str, None] = OrderedDict()
+
+    def create(
+        self,
+        *,
+        agent_id: str | None,
+        session_key: str,
+        session_id: str,
+        tenant: str,
+        subject: str,
+        kind: str,
+        code: str | None = None,
+        input: dict[str, Any] | None = None,
+    ) -> Execution:
+        self.prune()
+        execution = Execution(
+            id=str(uuid.uuid4()),
+            agent_id=agent_id,
+            session_key=session_key,
+            session_id=session_id,
+            tenant=tenant,
+            subject=subject,
+            kind=kind,
+            code=code,
+            input=input,
+            limits=self.limits,
+        )
+        self._all[execution.id] = execution
+        return execution
+
+    def get(self, execution_id: str, tenant: str) -> Execution:
+        """Another tenant's execution is not found, exactly as a missing one."""
+        self.prune()
+        execution = self._all.get(execution_id)
+        if execution is not None and execution.tenant == tenant:
+            return execution
+        if execution is None and execution_id in self._expired:
+            raise NotFound(
+                f"Execution {execution_id} has expired: finished executions are kept for "
+                f"{self.keep_seconds:g}s (EXECUTIONS_KEEP_SECONDS), at most "
+                f"{self.keep_count} of them (EXECUTIONS_KEEP_COUNT)",
+                code="execution_expired",
+            )
+        raise NotFound(f"Execution not found: {execution_id}", code="execution_not_found")
+
+    def for_session(self, tenant: str, session_key: str) -> list[Execution]:
+        self.prune()
+        return [
+            e for e in self._all.values() if e.tenant == tenant and e.session_key == session_key
+        ]
+
+    def prune(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        finished = [e for e in self._all.values() if e.done]
+        over = len(finished) - self.keep_count
+        for e in finished:
+            assert e.ended is not None
+            if over > 0 or now - e.ended > self.keep_seconds:
+                over -= 1
+                self._expire(e.id)
+
+    def _expire(self, execution_id: str) -> None:
+        self._all.pop(execution_id, None)
+        self._expired[execution_id] = None
+        while len(self._expired) > self.EXPIRED_IDS:
+            self._expired.popitem(last=False)
+
+    def counts(self) -> dict[str, int]:
+        running = sum(1 for e in self._all.values() if not e.done)
+        return {"kept": len(self._all), "running": running}
+
+
+@contextlib.contextmanager
+def finishing(execution: Execution):  # type: ignore[no-untyped-def]
+    """Whatever ends the call (an API error, a cancelled task), the record ends too."""
+    try:
+        yield execution
+    except BaseException as exc:
+        if not execution.done:
+            message = getattr(exc, "message", None) or type(exc).__name__
+            state = CANCELLED if isinstance(exc, asyncio.CancelledError) else ERROR
+            execution.finish(state, {"error": {"message": message}})
+        raise
