@@ -30,6 +30,7 @@ from pixell_kernel_runtime.api.base import NotFoundHandler
 from pixell_kernel_runtime.auth import Authenticator
 from pixell_kernel_runtime.auth.access import AccessPolicy
 from pixell_kernel_runtime.config import Settings
+from pixell_kernel_runtime.jupyter import routes as jupyter_routes
 from pixell_kernel_runtime.errors import RuntimeAPIError
 from pixell_kernel_runtime.packages import builder
 from pixell_kernel_runtime.packages.store import PackageStore
@@ -209,6 +210,7 @@ def make_app(runtime: Runtime) -> tornado.web.Application:
         (r"/runtime/sessions/([^/]+)/interrupt", sessions_api.InterruptHandler, kw),
         (r"/runtime/sessions/([^/]+)/restart", sessions_api.RestartHandler, kw),
         (r"/runtime/sessions/([^/]+)/variables", sessions_api.VariablesHandler, kw),
+        *jupyter_routes(kw),
     ]
     if runtime.settings.metrics_enabled:
         routes.append((r"/metrics", runtime_api.MetricsHandler, kw))
