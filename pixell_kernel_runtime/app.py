@@ -22,16 +22,20 @@ import tornado.web
 from pixell_kernel_runtime import __version__, bundled, metrics
 from pixell_kernel_runtime.agents import Agents
 from pixell_kernel_runtime.api import agents as agents_api
+from pixell_kernel_runtime.api import executions as executions_api
 from pixell_kernel_runtime.api import openapi as openapi_api
 from pixell_kernel_runtime.api import packages as packages_api
 from pixell_kernel_runtime.api import runtime as runtime_api
 from pixell_kernel_runtime.api import sessions as sessions_api
+from pixell_kernel_runtime.api import stream as stream_api
 from pixell_kernel_runtime.api.base import NotFoundHandler
 from pixell_kernel_runtime.auth import Authenticator
 from pixell_kernel_runtime.auth.access import AccessPolicy
 from pixell_kernel_runtime.config import Settings
-from pixell_kernel_runtime.jupyter import routes as jupyter_routes
 from pixell_kernel_runtime.errors import RuntimeAPIError
+from pixell_kernel_runtime.execution.invoke import Executor
+from pixell_kernel_runtime.execution.record import ExecutionStore, LogLimits
+from pixell_kernel_runtime.jupyter import routes as jupyter_routes
 from pixell_kernel_runtime.packages import builder
 from pixell_kernel_runtime.packages.store import PackageStore
 from pixell_kernel_runtime.sandbox import Sandbox, layout
@@ -91,6 +95,14 @@ class Runtime:
             settings, self.sandbox, self.run_dir, find_package=self.store.find
         )
         self.agents = Agents(self.store, self.sessions, access)
+        self.executions = ExecutionStore(
+            keep_seconds=settings.executions_keep_seconds,
+            keep_count=settings.executions_keep_count,
+            limits=LogLimits(
+                events=settings.execution_log_events, bytes=settings.execution_log_bytes
+            ),
+        )
+        self.executor = Executor(self.sessions, self.executions)
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -132,6 +144,7 @@ class Runtime:
 
     async def stop(self) -> None:
         try:
+            await self.executor.stop()
             await self.sessions.stop()
         finally:
             await asyncio.to_thread(self.sandbox.close)
@@ -204,7 +217,11 @@ def make_app(runtime: Runtime) -> tornado.web.Application:
         (r"/runtime/packages/([^/]+)", packages_api.PackageHandler, kw),
         (r"/runtime/agents", agents_api.AgentsHandler, kw),
         (rf"/runtime/agents/{agent_id}/invoke", agents_api.InvokeHandler, kw),
+        (rf"/runtime/agents/{agent_id}/stream", stream_api.StreamSocket, kw),
         (rf"/runtime/agents/{agent_id}", agents_api.AgentHandler, kw),
+        (r"/runtime/executions/([^/]+)", executions_api.ExecutionHandler, kw),
+        (r"/runtime/executions/([^/]+)/events", executions_api.EventsHandler, kw),
+        (r"/runtime/executions/([^/]+)/cancel", executions_api.CancelHandler, kw),
         (r"/runtime/sessions", sessions_api.SessionsHandler, kw),
         (r"/runtime/sessions/([^/]+)", sessions_api.SessionHandler, kw),
         (r"/runtime/sessions/([^/]+)/interrupt", sessions_api.InterruptHandler, kw),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -180,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _console(url: str, session: str, extra: list[str], token: str | None = None) -> int:
-    """Look the session's connection file up over REST, then become `jupyter console`."""
+    """Ask the runtime for the session kernel's connection info, then run `jupyter console`.
+
+    The info comes from the runtime (``GET /runtime/sessions/{id}/connection``, attach scope),
+    never from a file in the session's dirs; it goes to a private connection file (0600, in a
+    0700 temp dir) that is removed when the console ends."""
     # Said before anything reaches the server: restarting a stopped kernel for nothing helps no one.
     if importlib.util.find_spec("jupyter_console") is None:
         print(
@@ -193,29 +198,69 @@ def _console(url: str, session: str, extra: list[str], token: str | None = None)
 
     def call(method: str, path: str = "") -> dict:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        with urlopen(Request(base + path, method=method, headers=headers), timeout=120) as resp:
-            return json.loads(resp.read())
+        try:
+            with urlopen(Request(base + path, method=method, headers=headers), timeout=120) as r:
+                return json.loads(r.read())
+        except HTTPError as exc:
+            text = exc.read().decode("utf-8", "replace")
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                doc = None
+            raise _APIError(exc.code, doc if isinstance(doc, dict) else {"message": text}) from None
 
     try:
-        info = call("GET")
-        if not info.get("connection_file"):
+        try:
+            info = call("GET", "/connection")
+        except _APIError as exc:
+            if exc.body.get("code") != "no_kernel":
+                raise
             # The session exists but its kernel is not running: start one.
             call("POST", "/restart")
-            info = call("GET")
-    except HTTPError as exc:
-        body = exc.read().decode("utf-8", "replace")
-        try:
-            body = json.loads(body).get("message", body)
-        except ValueError:
-            pass
-        print(f"error: {body}", file=sys.stderr)
+            info = call("GET", "/connection")
+    except _APIError as exc:
+        print(f"error: {exc.body.get('message')}", file=sys.stderr)
         return 1
     except URLError as exc:
         print(f"error: cannot reach the runtime at {url}: {exc.reason}", file=sys.stderr)
         return 1
-    argv = [sys.executable, "-m", "jupyter_console", "--existing", info["connection_file"], *extra]
-    os.execv(sys.executable, argv)
-    return 0  # not reached
+    return _run_console(info["connection"], extra)
+
+
+class _APIError(Exception):
+    def __init__(self, status: int, body: dict) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+def _run_console(connection: dict, extra: list[str]) -> int:
+    """`jupyter console --existing <private file>`; its exit code, the file removed after."""
+    import signal
+    import subprocess
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="pixell-console-")  # 0700
+    path = os.path.join(folder, "kernel.json")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(connection, f)
+        argv = [sys.executable, "-m", "jupyter_console", "--existing", path, *extra]
+        child = subprocess.Popen(argv)
+        # Ctrl-C belongs to the console (it interrupts the kernel): ignored here, after the
+        # child started (it would inherit SIG_IGN). A hang-up or a kill is passed on, so the
+        # console ends and the file is still removed.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+        code = child.wait()
+        # Killed by a signal: the shell's convention, 128 + its number.
+        return code if code >= 0 else 128 - code
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.rmdir(folder)
 
 
 def _token(args: argparse.Namespace) -> int:

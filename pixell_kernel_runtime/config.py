@@ -81,6 +81,18 @@ class Settings:
     load_roots: str | None = None
     max_sessions_per_tenant: int = 32
     max_invocations_per_tenant: int = 16
+    # Execution records: finished ones are kept this long, at most this many (then 404 expired).
+    executions_keep_seconds: float = 3600.0
+    executions_keep_count: int = 1000
+    # Each execution's event log (what streams replay); past it the oldest events go (a gap).
+    execution_log_events: int = 10_000
+    execution_log_bytes: int = 8 * MiB
+    # Per execution: characters kept of each stream, rich outputs kept, their bytes.
+    output_stream_chars: int = 1 * MiB
+    output_max_outputs: int = 100
+    output_max_bytes: int = 16 * MiB
+    # A comment line on a quiet SSE stream this often (proxies drop idle connections).
+    sse_keepalive_seconds: float = 15.0
 
     @property
     def store_dir(self) -> Path:
@@ -105,6 +117,22 @@ class Settings:
             raise ValueError(f"AUTH must be auto or none, got {self.auth!r}")
         if self.max_sessions_per_tenant < 1 or self.max_invocations_per_tenant < 1:
             raise ValueError("per-tenant caps must be at least 1")
+        positive = {
+            "EXECUTIONS_KEEP_SECONDS": self.executions_keep_seconds,
+            "EXECUTIONS_KEEP_COUNT": self.executions_keep_count,
+            "EXECUTION_LOG_EVENTS": self.execution_log_events,
+            "EXECUTION_LOG_BYTES": self.execution_log_bytes,
+            "OUTPUT_STREAM_CHARS": self.output_stream_chars,
+            "OUTPUT_MAX_OUTPUTS": self.output_max_outputs,
+            "OUTPUT_MAX_BYTES": self.output_max_bytes,
+            "SSE_KEEPALIVE_SECONDS": self.sse_keepalive_seconds,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.output_stream_chars > 1 * MiB:
+            # The kernel caps each stream at just under 1 MiB before it is sent.
+            raise ValueError("OUTPUT_STREAM_CHARS must be at most 1048576 (the kernel's cap)")
         if self.packages_dir is not None and not self.packages_dir.is_dir():
             raise ValueError(f"packages dir is not a directory: {self.packages_dir}")
 
@@ -148,6 +176,14 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "LOAD_ROOTS": ("load_roots", str),
     "MAX_SESSIONS_PER_TENANT": ("max_sessions_per_tenant", int),
     "MAX_INVOCATIONS_PER_TENANT": ("max_invocations_per_tenant", int),
+    "EXECUTIONS_KEEP_SECONDS": ("executions_keep_seconds", float),
+    "EXECUTIONS_KEEP_COUNT": ("executions_keep_count", int),
+    "EXECUTION_LOG_EVENTS": ("execution_log_events", int),
+    "EXECUTION_LOG_BYTES": ("execution_log_bytes", int),
+    "OUTPUT_STREAM_CHARS": ("output_stream_chars", int),
+    "OUTPUT_MAX_OUTPUTS": ("output_max_outputs", int),
+    "OUTPUT_MAX_BYTES": ("output_max_bytes", int),
+    "SSE_KEEPALIVE_SECONDS": ("sse_keepalive_seconds", float),
 }
 
 ARCHIVE_ENV_VARS: dict[str, tuple[str, Any]] = {

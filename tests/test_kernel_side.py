@@ -394,3 +394,53 @@ def test_variables(kc):
     assert entries["vfunc"]["type"] == "function" and entries["vfunc"]["length"] is None
     assert entries["varr"]["type"] == "numpy.ndarray" and entries["varr"]["shape"] == [2, 5]
     assert entries["varr"]["size_bytes"] == 80
+
+
+@pytest.fixture
+def own_kernel():
+    """A kernel of its own: a broken exit() must not take the module's kernel down."""
+    km, client = start_new_kernel(kernel_name="python3", startup_timeout=60)
+    try:
+        content, _, _ = run(client, bootstrap_code(), silent=True, user_expressions={})
+        assert content["status"] == "ok", content
+        yield km, client
+    finally:
+        client.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["exit()", "quit()", "exit", "quit", "exit(keep_kernel=False)", "get_ipython().ask_exit()"],
+)
+def test_exit_asks_front_ends_to_leave_and_keeps_the_kernel(own_kernel, code):
+    km, kc = own_kernel
+    kc.execute_interactive("survivor = 42", timeout=TIMEOUT)
+    stderr = []
+
+    def hook(msg):
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stderr":
+            stderr.append(msg["content"]["text"])
+
+    reply = kc.execute_interactive(code, timeout=TIMEOUT, output_hook=hook)["content"]
+    assert reply["status"] == "ok", reply
+    # What jupyter console leaves on, keeping the kernel (ipykernel's own payload shape).
+    assert reply["payload"] == [{"source": "ask_exit", "keepkernel": True}], reply
+    assert "exit() does not end a runtime session" in "".join(stderr), stderr
+    # ipykernel stops its loop 0.1 s after exit_now turns true: it must not have.
+    expressions = {**COLLECT, "n": "get_ipython().exit_now"}
+    content, _, _ = run(kc, "survivor", user_expressions=expressions)
+    assert expr_data(content, "n")["text/plain"] == "False"
+    assert collected(content)["result"] == 42
+    assert km.is_alive()
+    # A later cell carries no stale payload.
+    assert kc.execute_interactive("1", timeout=TIMEOUT)["content"]["payload"] == []
+
+
+def test_exit_in_a_silent_cell_keeps_the_kernel(own_kernel):
+    """The runtime's handler cells are silent: an exit() inside a handler ends nothing."""
+    km, kc = own_kernel
+    content, _, _ = run(kc, "exit()", silent=True, user_expressions={})
+    assert content["status"] == "ok", content
+    assert collect_after(kc, "result = 'alive'")["result"] == "alive"
+    assert km.is_alive()

@@ -946,10 +946,10 @@ def test_no_kernel_survives_the_server(
         pending = pool.submit(client.invoke, CE, {"code": "time.sleep(30)", "session_id": "s2"})
         assert wait_for(lambda: get_session(client, skey(PKG, "s2"))["kernel_state"] == "busy")
         rc = server.stop(sig)
-        # Shutting down closes the session under the running call, which is answered so.
+        # Shutting down ends the running call first, and answers it so.
         answer = pending.result(timeout=30)
     assert rc == 0, server.logs()[-3000:]
-    assert answer.status == 404 and answer.json()["code"] == "session_closed", answer
+    assert answer.status == 503 and answer.json()["code"] == "shutting_down", answer
     assert wait_for(lambda: not any(pid_alive(p) for p in tree)), [
         (p, cmdline(p)) for p in tree if pid_alive(p)
     ]

@@ -1,11 +1,26 @@
-"""/runtime/agents: list, inspect and invoke."""
+"""/runtime/agents: list, inspect and invoke (a JSON answer, or its events as SSE)."""
 
 from __future__ import annotations
 
-from pixell_kernel_runtime.api import invoke_request
+from pixell_kernel_runtime.agents import Agent
+from pixell_kernel_runtime.api import invoke_request, sse
 from pixell_kernel_runtime.api.base import BaseHandler, Field
-from pixell_kernel_runtime.errors import NotFound
-from pixell_kernel_runtime.execution.invoke import invoke
+from pixell_kernel_runtime.errors import NotFound, RuntimeAPIError
+
+# Agents whose manifest lists this capability answer SSE unless the caller asks for JSON.
+STREAMING = "streaming"
+
+
+def callable_agent(runtime, agent_id: str, principal) -> Agent:  # type: ignore[no-untyped-def]
+    """An agent a caller may invoke: a private sub-agent is not there for callers either."""
+    agent = runtime.agents.get(agent_id, principal)
+    if agent.private:
+        raise NotFound(f"Agent not found: {agent_id}", code="agent_not_found")
+    return agent
+
+
+def streams_by_default(agent: Agent) -> bool:
+    return STREAMING in (agent.export.capabilities or ())
 
 
 class AgentsHandler(BaseHandler):
@@ -30,11 +45,9 @@ class InvokeHandler(BaseHandler):
     scopes = {"POST": "invoke"}
 
     async def post(self, agent_id: str) -> None:
-        # Look the agent up first: an unknown agent is a 404 whatever the body. A private
-        # sub-agent is not there for callers either (nor counted as an invocation).
-        agent = self.runtime.agents.get(agent_id, self.principal)
-        if agent.private:
-            raise NotFound(f"Agent not found: {agent_id}", code="agent_not_found")
+        # Look the agent up first: an unknown agent is a 404 whatever the body.
+        agent = callable_agent(self.runtime, agent_id, self.principal)
+        stream = sse.wants_stream(self, streams_by_default(agent))
         body = self.json_body(
             {"input": Field(dict), "context": Field(dict), "trace_id": Field(str)}
         )
@@ -44,11 +57,28 @@ class InvokeHandler(BaseHandler):
             body.get("context") or {},
             self.runtime.settings,
         )
-        answer = await invoke(
-            self.runtime.sessions,
+        assert self.principal is not None
+        execution = await self.runtime.executor.start(
             agent,
             request,
             trace_id=body.get("trace_id") or self.request_id,
             tenant=self.tenant(),
+            subject=self.principal.subject,
         )
-        self.write_json(answer)
+        self.set_header("X-Execution-Id", execution.id)
+        if stream:
+            keepalive = self.runtime.settings.sse_keepalive_seconds
+            await sse.send(self, execution, after=0, keepalive=keepalive)
+            return
+        # A client that leaves does not stop the call: it runs on, to be read by its id.
+        await execution.wait()
+        failure = execution.failure
+        if isinstance(failure, RuntimeAPIError):
+            raise failure
+        if failure is not None:
+            assert execution.answer is not None  # the envelope of what ended it
+            env = execution.answer
+            raise RuntimeAPIError(
+                env["message"], status=env["status"], kind=env["error"], code=env["code"]
+            )
+        self.write_json(execution.answer)

@@ -1,8 +1,12 @@
-"""/runtime/sessions: list, inspect, delete, interrupt, restart, variables."""
+"""/runtime/sessions: list, inspect, delete, interrupt, restart, variables, connection info,
+notebook export."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pixell_kernel_runtime.api.base import BaseHandler
+from pixell_kernel_runtime.errors import Conflict
 
 
 class SessionsHandler(BaseHandler):
@@ -53,3 +57,58 @@ class VariablesHandler(BaseHandler):
     async def get(self, key: str) -> None:
         variables = await self.runtime.sessions.variables(key, self.tenant())
         self.write_json({"id": key, "variables": variables})
+
+
+_SOCKETS = ("shell", "iopub", "stdin", "control", "hb")
+
+
+def connection_info(km: Any) -> dict[str, Any]:
+    """What a Jupyter client needs to attach, from the kernel manager's memory.
+
+    Never read back from the connection file: the server wrote it, but it is the runtime's own
+    record (``km``) that says which sockets the server itself connects to."""
+    info = km.get_connection_info(session=False)
+    key = info.get("key", b"")
+    out: dict[str, Any] = {
+        "transport": info["transport"],
+        "ip": info["ip"],
+        **{f"{name}_port": int(info[f"{name}_port"]) for name in _SOCKETS},
+        "key": key.decode("ascii") if isinstance(key, bytes) else str(key),
+        "signature_scheme": info["signature_scheme"],
+        "kernel_name": km.kernel_name,
+    }
+    return out
+
+
+def socket_paths(connection: dict[str, Any]) -> dict[str, str] | None:
+    """The ipc socket paths (``<ip>-<port>``, as zmq names them), for ipc transports."""
+    if connection["transport"] != "ipc":
+        return None
+    return {name: f"{connection['ip']}-{connection[f'{name}_port']}" for name in _SOCKETS}
+
+
+class ConnectionHandler(BaseHandler):
+    """A session kernel's connection info (``jupyter console --existing`` and any Jupyter
+    client on this host): the attach scope, since it carries the kernel's signing key."""
+
+    route = "/runtime/sessions/{id}/connection"
+    scopes = {"GET": "attach"}
+
+    async def get(self, key: str) -> None:
+        session = self.runtime.sessions.get(key, self.tenant())
+        kernel = session.kernel
+        if kernel is None or kernel.died or not await kernel.is_alive():
+            raise Conflict(
+                f"session {key} has no running kernel (POST /runtime/sessions/{{id}}/restart"
+                " starts one)",
+                code="no_kernel",
+            )
+        connection = connection_info(kernel.km)
+        self.write_json(
+            {
+                "id": session.key,
+                "kernel_id": session.kernel_id,
+                "connection": connection,
+                "paths": socket_paths(connection),
+            }
+        )

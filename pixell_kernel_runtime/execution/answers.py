@@ -12,7 +12,7 @@ from pixell_kernel_runtime.execution.runner import CellRun
 class Fate:
     """How the call ended, beyond what the kernel's messages say."""
 
-    outcome: str  # done | timeout | timeout_restarted | dead
+    outcome: str  # done | timeout | timeout_restarted | cancelled | cancelled_restarted | dead
     timeout: float
     exit: Any = None  # sessions.kernel.Exit when the kernel died
     restarted_note: str | None = None
@@ -67,6 +67,20 @@ def _failure(run: CellRun, fate: Fate) -> tuple[str, dict[str, Any]] | None:
                     " state is lost"
                     if lost
                     else "it was interrupted and the session's state is kept"
+                )
+            ),
+        }
+    if fate.outcome in ("cancelled", "cancelled_restarted"):
+        lost = fate.outcome == "cancelled_restarted"
+        return "cancelled", {
+            "state_lost": lost,
+            "detail": (
+                "the call was cancelled; "
+                + (
+                    "it ignored the interrupt, so the kernel was restarted and the session's"
+                    " state is lost"
+                    if lost
+                    else "it was interrupted (or had not started) and the session's state is kept"
                 )
             ),
         }

@@ -200,9 +200,10 @@ def install():
                 callbacks.remove(cb)  # left over by an older copy of this module
         if not any(_is_hook(cb, hook) for cb in callbacks):
             shell.events.register(event, hook)
-    # exit()/quit() would end the kernel on some IPython versions and not on others; a session
-    # ends through the runtime's API, so make them the same everywhere: a no-op with a note.
-    shell.ask_exit = _ignore_exit
+    # exit()/quit() end an ipykernel (ZMQExitAutocall sets keepkernel_on_exit False); a session
+    # ends through the runtime's API. So, on every IPython: front-ends are asked to leave while
+    # the kernel keeps running, and REST callers see a note (see _ask_exit).
+    shell.ask_exit = _ask_exit
     _reset_output_budget()
     return shell
 
@@ -249,11 +250,34 @@ def _cap_stream(stream, name):
         pass
 
 
-def _ignore_exit():
-    sys.stderr.write(
-        "exit() does not end a runtime session: its state is kept."
-        " DELETE /runtime/sessions/{id} ends it.\n"
-    )
+EXIT_NOTE = (
+    "exit() does not end a runtime session: its state is kept."
+    " DELETE /runtime/sessions/{id} ends it.\n"
+)
+
+
+def _ask_exit(*_args, **_kwargs):
+    """``exit``/``quit``/``get_ipython().ask_exit()``: never stops the kernel.
+
+    ipykernel's own ``ask_exit`` sets ``exit_now`` (stopping the kernel) unless
+    ``keepkernel_on_exit``, and sends the payload ``{"source": "ask_exit", "keepkernel"}`` with
+    the execute_reply: jupyter console leaves on it, and shuts the kernel down unless
+    ``keepkernel`` is true. Here the payload always says ``keepkernel: True`` and ``exit_now``
+    is never touched, so a console leaves the usual way and the kernel lives on; clients that
+    ignore payloads (the runtime's REST invoke, JupyterLab) only see the note on stderr."""
+    try:
+        sys.stderr.write(EXIT_NOTE)
+    except Exception:
+        pass
+    shell = _shell()
+    manager = getattr(shell, "payload_manager", None)
+    if manager is None:
+        return
+    try:
+        # single=True (the default): one ask_exit payload per reply, however often called.
+        manager.write_payload({"source": "ask_exit", "keepkernel": True})
+    except Exception:
+        pass
 
 
 def _transform(raw):

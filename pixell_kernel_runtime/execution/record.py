@@ -22,7 +22,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pixell_kernel_runtime.errors import NotFound
+from pixell_kernel_runtime.errors import NotFound, RuntimeAPIError
+
+# Failures that are answers (the envelope's status and message), not incidents to log.
+ANSWERED = (RuntimeAPIError,)
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -85,6 +88,8 @@ class Execution:
     # Set by the runner of the call: interrupts it (then restarts past the grace).
     canceller: Callable[[], Awaitable[None]] | None = None
     cancel_requested: bool = False
+    # What ended the call before it had an answer of its own (plain invoke raises it again).
+    failure: BaseException | None = None
     _events: deque[Event] = field(default_factory=deque)
     _bytes: int = 0
     _next_seq: int = 1
@@ -278,14 +283,33 @@ class ExecutionStore:
         return {"kept": len(self._all), "running": running}
 
 
+def envelope(exc: BaseException) -> dict[str, Any]:
+    """The error envelope (as an HTTP error answer has it) of what ended a call early."""
+    if isinstance(exc, RuntimeAPIError):
+        return {"error": exc.kind, "message": exc.message, "code": exc.code, "status": exc.status}
+    if isinstance(exc, asyncio.CancelledError):
+        return {
+            "error": "ServiceUnavailable",
+            "message": "the server shut down before the call finished",
+            "code": "shutting_down",
+            "status": 503,
+        }
+    return {
+        "error": "InternalError",
+        "message": "the call failed inside the server; see its log",
+        "code": "internal_error",
+        "status": 500,
+    }
+
+
 @contextlib.contextmanager
 def finishing(execution: Execution):  # type: ignore[no-untyped-def]
-    """Whatever ends the call (an API error, a cancelled task), the record ends too."""
+    """Whatever ends the call early (an API error, a shutdown), the record ends too."""
     try:
         yield execution
     except BaseException as exc:
         if not execution.done:
-            message = getattr(exc, "message", None) or type(exc).__name__
-            state = CANCELLED if isinstance(exc, asyncio.CancelledError) else ERROR
-            execution.finish(state, {"error": {"message": message}})
+            execution.failure = exc
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            execution.finish(CANCELLED if cancelled else ERROR, envelope(exc))
         raise

@@ -50,12 +50,25 @@ def strip_ansi(text: str) -> str:
     return _ANSI_RE.sub("", text)
 
 
-def limits() -> dict[str, int]:
+@dataclass(frozen=True)
+class OutputCaps:
+    """What one execution keeps (the operator's OUTPUT_* settings; defaults above)."""
+
+    stream_chars: int = STREAM_LIMIT
+    outputs: int = OUTPUTS_LIMIT
+    output_bytes: int = OUTPUT_BYTES_LIMIT
+    output_values: int = OUTPUT_VALUES_LIMIT
+
+
+DEFAULT_CAPS = OutputCaps()
+
+
+def limits(caps: OutputCaps = DEFAULT_CAPS) -> dict[str, int]:
     return {
-        "stream_chars": STREAM_LIMIT,
-        "outputs": OUTPUTS_LIMIT,
-        "output_bytes": OUTPUT_BYTES_LIMIT,
-        "output_values": OUTPUT_VALUES_LIMIT,
+        "stream_chars": caps.stream_chars,
+        "outputs": caps.outputs,
+        "output_bytes": caps.output_bytes,
+        "output_values": caps.output_values,
         "message_bytes": wire.MESSAGE_LIMIT,
         "message_values": wire.MESSAGE_VALUES_LIMIT,
     }
@@ -134,6 +147,7 @@ class CellRun:
     truncated: bool = False
     # Told each piece of output as it is kept (after the caps): an execution record's emit.
     listener: Callable[[str, dict[str, Any]], Any] | None = None
+    caps: OutputCaps = DEFAULT_CAPS
     _streams: dict[str, _Text] = field(
         default_factory=lambda: {"stdout": _Text(), "stderr": _Text(), "exception": _Text()}
     )
@@ -156,7 +170,7 @@ class CellRun:
                 "bytes": self._dropped_bytes,
                 "messages": list(self._dropped),
             },
-            "limits": limits(),
+            "limits": limits(self.caps),
         }
 
     def prepend(self, first: CellRun) -> None:
@@ -190,7 +204,7 @@ class CellRun:
         tally.chars_seen += len(text)
         tally.bytes_seen += size
         current = self.stdout if name == "stdout" else self.stderr
-        room = STREAM_LIMIT - len(current)
+        room = self.caps.stream_chars - len(current)
         if room <= 0:
             if text:
                 self.truncated = True
@@ -214,9 +228,9 @@ class CellRun:
         tally.bytes_seen += size
         tally.values_seen += values
         if (
-            tally.count_kept >= OUTPUTS_LIMIT
-            or tally.bytes_kept + size > OUTPUT_BYTES_LIMIT
-            or tally.values_kept + values > OUTPUT_VALUES_LIMIT
+            tally.count_kept >= self.caps.outputs
+            or tally.bytes_kept + size > self.caps.output_bytes
+            or tally.values_kept + values > self.caps.output_values
         ):
             self.truncated = True
             return
@@ -251,7 +265,7 @@ class CellRun:
         return {
             "ename": self._clip(_text(content.get("ename")), ERROR_TEXT_LIMIT),
             "evalue": self._clip(_text(content.get("evalue")), ERROR_TEXT_LIMIT),
-            "traceback": self._clip(strip_ansi("\n".join(lines)), STREAM_LIMIT),
+            "traceback": self._clip(strip_ansi("\n".join(lines)), self.caps.stream_chars),
         }
 
     def handle_iopub(self, msg: dict[str, Any]) -> None:
@@ -330,6 +344,7 @@ def send(
     silent: bool = False,
     user_expressions: dict[str, str] | None = None,
     listener: Callable[[str, dict[str, Any]], Any] | None = None,
+    caps: OutputCaps = DEFAULT_CAPS,
 ) -> CellRun:
     msg_id = kc.execute(
         code,
@@ -339,7 +354,7 @@ def send(
         allow_stdin=False,
         stop_on_error=False,
     )
-    return CellRun(msg_id, listener=listener)
+    return CellRun(msg_id, listener=listener, caps=caps)
 
 
 async def gather(

@@ -159,8 +159,10 @@ class SessionKernel:
         sandbox_session: Any,
         spec_manager: RuntimeKernelSpecManager,
         env: dict[str, str],
+        caps: runner.OutputCaps = runner.DEFAULT_CAPS,
     ) -> None:
         self.dirs = sandbox_session.dirs
+        self.caps = caps
         self.env = env
         self.km = SessionKernelManager(
             kernel_name=KERNEL_NAME,
@@ -319,7 +321,12 @@ class SessionKernel:
         assert self.kc is not None
         await runner.drain(self.kc)
         run = runner.send(
-            self.kc, code, silent=silent, user_expressions=user_expressions, listener=listener
+            self.kc,
+            code,
+            silent=silent,
+            user_expressions=user_expressions,
+            listener=listener,
+            caps=self.caps,
         )
         outcome = await runner.gather(
             self.kc, run, deadline=time.monotonic() + timeout, is_alive=self.is_alive, stop=stop

@@ -29,7 +29,7 @@ from pixell_kernel_runtime.errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
-from pixell_kernel_runtime.execution import answers
+from pixell_kernel_runtime.execution import answers, runner
 from pixell_kernel_runtime.execution.bootstrap import (
     VARIABLES_EXPRESSION,
 )
@@ -78,6 +78,11 @@ class SessionManager:
         self.created_total = 0
         # Calls that passed validation (what /runtime/info reports as total_invocations).
         self.invocations = 0
+        self.caps = runner.OutputCaps(
+            stream_chars=settings.output_stream_chars,
+            outputs=settings.output_max_outputs,
+            output_bytes=settings.output_max_bytes,
+        )
 
     # ---- lifecycle -----------------------------------------------------
 
@@ -266,6 +271,7 @@ class SessionManager:
             sandbox_session=session.sandbox,
             spec_manager=self.spec_manager,
             env=env,
+            caps=self.caps,
         )
         kernel.on_death = functools.partial(self._on_death, session)
         try:
@@ -342,19 +348,32 @@ class SessionManager:
 
     # ---- calls ---------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def turn(self, session: Session):  # type: ignore[no-untyped-def]
-        """Wait for this session's turn, within the queue bound."""
+    def reserve_turn(self, session: Session) -> Callable[[], None]:
+        """A place in the session's queue now (429 when it is full), for ``turn(place=...)``;
+        returns its release (idempotent: call it if the turn is never taken)."""
         if session.waiting >= self.settings.session_queue_size:
             raise TooManyRequests(
                 f"session {session.session_id} already has {session.waiting} calls queued"
                 f" (the limit is {self.settings.session_queue_size}); retry later",
             )
         session.waiting += 1
+        held = [True]
+
+        def release() -> None:
+            if held:
+                held.clear()
+                session.waiting -= 1
+
+        return release
+
+    @contextlib.asynccontextmanager
+    async def turn(self, session: Session, *, place: Callable[[], None] | None = None):  # type: ignore[no-untyped-def]
+        """Wait for this session's turn, within the queue bound (or in a reserved ``place``)."""
+        release = place or self.reserve_turn(session)
         try:
             await session.lock.acquire()
         finally:
-            session.waiting -= 1
+            release()
         try:
             if session.closed:
                 raise closed_error(session, "waited")
