@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import tornado.web
@@ -16,6 +17,8 @@ audit = logging.getLogger("pixell_kernel_runtime.audit")
 # PUBLIC (no principal at all: only the health check).
 ANY = ""
 PUBLIC = None
+# An incoming X-Request-ID is echoed back only when it looks like one.
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def implemented(handler: type[tornado.web.RequestHandler]) -> list[str]:

@@ -12,13 +12,18 @@ from typing import Any
 import tornado.web
 
 from pixell_kernel_runtime import metrics
-from pixell_kernel_runtime.api.authorised import ANY, PUBLIC, Authorised, implemented
+from pixell_kernel_runtime.api.authorised import (
+    ANY,
+    PUBLIC,
+    REQUEST_ID_RE,
+    Authorised,
+    implemented,
+)
 from pixell_kernel_runtime.errors import RuntimeAPIError, ValidationFailed
 
 log = logging.getLogger("pixell_kernel_runtime.http")
 __all__ = ["ANY", "PUBLIC", "BaseHandler", "Field", "NotFoundHandler", "dumps", "parse_json"]
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _REASONS = {
     400: "BadRequest",
     401: "Unauthorized",
@@ -154,7 +159,7 @@ class BaseHandler(Authorised, tornado.web.RequestHandler):
 
     async def prepare(self) -> None:
         incoming = self.request.headers.get("X-Request-ID", "")
-        self.request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        self.request_id = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
         self.set_header("X-Request-ID", self.request_id)
         self._started = time.perf_counter()
         self.principal = await self._authenticate()

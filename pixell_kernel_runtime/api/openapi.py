@@ -60,6 +60,8 @@ def _op(
     params: tuple[str, ...] = (),
     body: tuple[str, Schema, bool] | None = None,
     media: str = "application/json",
+    sse: bool = False,
+    status: int = 200,
 ) -> dict[str, Any]:
     """One operation. ``scope``: None is public, "" any valid credentials, else that scope."""
     # Any request can be a 400: a body tornado cannot parse by its Content-Type (a multipart
@@ -75,10 +77,15 @@ def _op(
             _REQUEST_ID,
         ],
         "responses": {
-            "200": {
-                "description": "OK",
+            str(status): {
+                "description": "OK" if status == 200 else "Accepted",
                 "headers": _ANSWER_HEADERS,
-                "content": {media: {"schema": answer}},
+                "content": {
+                    media: {"schema": answer},
+                    # With Accept: text/event-stream or ?stream=true (the default for agents
+                    # with the `streaming` capability): the events, the last `done`.
+                    **({"text/event-stream": {"schema": ref("SseEvent")}} if sse else {}),
+                },
             },
             **{str(code): {"$ref": f"#/components/responses/E{code}"} for code in errors},
         },
@@ -87,6 +94,29 @@ def _op(
         body_media, schema, required = body
         op["requestBody"] = {"required": required, "content": {body_media: {"schema": schema}}}
     return op
+
+
+def _websocket(summary: str, *, scope: str, params: tuple[str, ...]) -> dict[str, Any]:
+    """A websocket route: a GET that upgrades (authenticated like every route)."""
+    return {
+        "summary": summary,
+        "security": [{"bearer": [scope]}],
+        "x-websocket": True,
+        "parameters": [
+            *({"$ref": f"#/components/parameters/{name}"} for name in params),
+            {
+                "name": "token",
+                "in": "query",
+                "required": False,
+                "description": "the token, for clients that cannot set headers",
+                "schema": STR,
+            },
+        ],
+        "responses": {
+            "101": {"description": "Switching Protocols (websocket)"},
+            **{str(code): {"$ref": f"#/components/responses/E{code}"} for code in (400, 401, 403)},
+        },
+    }
 
 
 def _path_param(name: str, description: str) -> dict[str, Any]:
@@ -126,6 +156,7 @@ _UPLOAD_BODY = {
 def _paths() -> dict[str, Any]:
     health = _op("Liveness (load balancers probe it)", ref("Health"), scope=None)
     agent, package, session = ("agent_id",), ("package_id",), ("id",)
+    execution = ("execution_id",)
     sessions, read, write = "sessions", "packages:read", "packages:write"
     return {
         "/runtime/health": {"get": health},
@@ -181,6 +212,47 @@ def _paths() -> dict[str, Any]:
                 scope="invoke",
                 params=agent,
                 body=("application/json", ref("InvokeRequest"), False),
+                sse=True,
+            )
+        },
+        "/runtime/agents/{agent_id}/stream": {
+            "get": _websocket(
+                "A websocket: send one invoke body (or {execution_id, after} to resume); each "
+                "event comes back as {seq, event, data}, and the socket closes after `done`",
+                scope="invoke",
+                params=agent,
+            )
+        },
+        "/runtime/executions/{execution_id}": {
+            "get": _op(
+                "A call's state, and once ended its answer (404 `execution_expired` after "
+                "EXECUTIONS_KEEP_SECONDS / EXECUTIONS_KEEP_COUNT)",
+                ref("Execution"),
+                (404,),
+                scope="invoke",
+                params=execution,
+            )
+        },
+        "/runtime/executions/{execution_id}/events": {
+            "get": _op(
+                "The call's events as SSE, from the start or after Last-Event-ID (or ?after=), "
+                "following it until `done`",
+                ref("SseEvent"),
+                (404, 422),
+                scope="invoke",
+                params=execution,
+                media="text/event-stream",
+            )
+        },
+        "/runtime/executions/{execution_id}/cancel": {
+            "post": _op(
+                "Cancel a call: a queued one leaves the queue, a running one is interrupted "
+                "(and its kernel restarted if it ignores the interrupt)",
+                obj({"id": STR, "state": STR, "cancel_requested": BOOL}),
+                (404, 409),
+                scope="invoke",
+                params=execution,
+                status=202,
             )
         },
         "/runtime/sessions": {
@@ -263,6 +335,9 @@ def _document() -> dict[str, Any]:
                     "agent_id", "`name@version/export`; its `/` may be raw or %2F"
                 ),
                 "package_id": _path_param("package_id", "`name@version`"),
+                "execution_id": _path_param(
+                    "execution_id", "an execution's id (`metadata.execution_id`, X-Execution-Id)"
+                ),
                 "id": _path_param("id", "a session's `id` (`package_id:session_id`)"),
             },
             "responses": {

@@ -268,6 +268,8 @@ SCHEMAS: dict[str, Schema] = {
                         "session_id": STR,
                         "session": STR,
                         "kind": ref("AgentKind"),
+                        # GET /runtime/executions/{id} reads the call again, by this id.
+                        "execution_id": STR,
                         "execution_count": or_null(INT),
                         "session_restarted": BOOL,
                     },
@@ -300,6 +302,8 @@ SCHEMAS: dict[str, Schema] = {
         {
             "id": STR,
             "session_id": STR,
+            # Its id on the Jupyter kernels API (/api/kernels/{kernel_id}).
+            "kernel_id": STR,
             "tenant": STR,
             "package_id": STR,
             "kernel_state": {"enum": ["not_started", "idle", "busy", "dead", "closed"]},
@@ -318,6 +322,44 @@ SCHEMAS: dict[str, Schema] = {
             "connection_file": or_null(STR),
             "kernel_rss_bytes": or_null(INT),
         },
+    ),
+    # One SSE event as schemathesis (and any SSE parser) reads it: `data` is the JSON text.
+    "SseEvent": open_obj(
+        {
+            "event": {
+                "enum": ["status", "stdout", "stderr", "display", "result", "error", "done", "gap"]
+            },
+            "data": STR,
+        },
+        {"id": STR},
+    ),
+    "Execution": obj(
+        {
+            "id": STR,
+            "state": {
+                "enum": [
+                    "queued",
+                    "running",
+                    "done",
+                    "error",
+                    "timeout",
+                    "cancelled",
+                    "kernel_died",
+                ]
+            },
+            "agent_id": or_null(STR),
+            "session": STR,
+            "session_id": STR,
+            "kind": STR,
+            "created": TIME,
+            "started": or_null(TIME),
+            "ended": or_null(TIME),
+            "events": INT,
+            "execution_count": or_null(INT),
+        },
+        # Once it has ended: what a plain invoke answered (an InvokeAnswer), or the error
+        # envelope (with its HTTP status) of what ended it before it ran.
+        {"answer": ANYTHING},
     ),
     "Variable": open_obj(
         {"name": STR, "type": STR},

@@ -17,7 +17,7 @@ import tornado.web
 import tornado.websocket
 
 from pixell_kernel_runtime import metrics
-from pixell_kernel_runtime.api.authorised import Authorised
+from pixell_kernel_runtime.api.authorised import REQUEST_ID_RE, Authorised
 from pixell_kernel_runtime.errors import RuntimeAPIError
 
 # What one client message may weigh (an invoke body, a Jupyter message); tornado's default is
@@ -44,9 +44,20 @@ class WebSocketBase(Authorised, tornado.websocket.WebSocketHandler):
 
     async def prepare(self) -> None:
         incoming = self.request.headers.get("X-Request-ID", "")
-        self.request_id = incoming if 0 < len(incoming) <= 128 else uuid.uuid4().hex
+        self.request_id = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        self.set_header("X-Request-ID", self.request_id)
         self._started = time.perf_counter()
         self.principal = await self._authenticate()
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+            # tornado's own answer is a bare text 400; this one says what to do.
+            raise RuntimeAPIError(
+                f"{self.route} is a websocket: connect with Upgrade: websocket",
+                status=400,
+                code="websocket_required",
+            )
+        await super().get(*args, **kwargs)
 
     def check_origin(self, origin: str) -> bool:
         # Tokens, not cookies, authenticate here: a page on another origin has no token to
@@ -57,6 +68,8 @@ class WebSocketBase(Authorised, tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if not getattr(self, "request_id", None):  # refused before prepare (a TRACE)
+            self.request_id = uuid.uuid4().hex
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, RuntimeAPIError):
             status, kind, message, code = exc.status, exc.kind, exc.message, exc.code
@@ -68,8 +81,12 @@ class WebSocketBase(Authorised, tornado.websocket.WebSocketHandler):
             message = f"The server failed to handle this request (request id {self.request_id})"
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("X-Request-ID", self.request_id)
         if status == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="pixell-kernel-runtime"')
+        if status == 405:
+            self.set_header("Allow", "GET")
+            message = f"Method {self.request.method} is not allowed on {self.request.path}"
         body = {"error": kind, "message": message, "code": code, "request_id": self.request_id}
         self.finish(json.dumps(body))
 

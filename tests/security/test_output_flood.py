@@ -93,3 +93,46 @@ def test_printing_past_the_budget_is_cut_at_the_source(server_factory) -> None:
     again = srv.client.invoke(AGENT, {"code": "print('hello')", "session_id": "prints"})
     assert again.status == 200, again
     assert again.json()["output"]["stdout"] == "hello\n", again
+
+
+def test_a_streamed_flood_costs_the_server_bounded_memory(server_factory) -> None:
+    """The same hostile flood read as SSE: the stream carries what the caps keep, no more."""
+    import http.client
+    import json
+
+    srv = server_factory(["--examples"])
+    pid = srv.proc.pid
+    warm = srv.client.invoke(AGENT, {"code": "1", "session_id": "sflood"})
+    assert warm.status == 200, warm
+    before = _rss_mib(pid)
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=180)
+    body = {"input": {"code": FLOOD, "session_id": "sflood", "timeout_seconds": 15}}
+    conn.request("POST", f"/runtime/agents/{AGENT}/invoke?stream=true", json.dumps(body))
+    resp = conn.getresponse()
+    streamed, last = 0, None
+    try:
+        while line := resp.readline():
+            streamed += len(line)
+            if line.startswith(b"data: "):
+                last = line
+    finally:
+        done.set()
+        sampler.join()
+        conn.close()
+    assert peak[0] - before < 400, f"server RSS grew by {peak[0] - before:.0f} MiB"
+    # 1.2 GB was written; the stream carried the kept MiB (and the final answer's copy).
+    assert streamed < 4 * 1024 * 1024, streamed
+    assert last is not None
+    final = json.loads(last[6:])
+    assert final["state"] == "done" and final["output"]["truncated"] is True, final["state"]
+    assert final["output"]["truncation"]["stdout"]["bytes_seen"] >= 120 * 10**7
