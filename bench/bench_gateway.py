@@ -185,19 +185,14 @@ def kg_version(venv: Path) -> str:
     return out.stdout.strip()
 
 
-@contextlib.contextmanager
-def kernel_gateway(venv: Path, workdir: Path, nodelay: bool) -> Iterator[dict[str, Any]]:
-    """A Kernel Gateway on a free loopback port; yields ``{"port", "nodelay_mark"}``."""
-    name = "kg-nodelay" if nodelay else "kg-shipped"
-    root = workdir / name
+def jupyter_env(root: Path, bin_dir: Path | str) -> dict[str, str]:
+    """A minimal environment with its own HOME, ``JUPYTER_*`` and ``IPYTHONDIR`` under
+    ``root`` (made here): nothing of the caller's environment or home reaches the process."""
     dirs = {d: root / d for d in ("home", "config", "data", "runtime", "ipython")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    mark = root / "nodelay-mark"
-    if nodelay:
-        (dirs["config"] / "jupyter_kernel_gateway_config.py").write_text(NODELAY_CONFIG)
-    env = {
-        "PATH": f"{venv / 'bin'}:{SYSTEM_PATH}",
+    return {
+        "PATH": f"{bin_dir}:{SYSTEM_PATH}",
         "HOME": str(dirs["home"]),
         "LANG": "C.UTF-8",
         "JUPYTER_CONFIG_DIR": str(dirs["config"]),
@@ -206,8 +201,20 @@ def kernel_gateway(venv: Path, workdir: Path, nodelay: bool) -> Iterator[dict[st
         "JUPYTER_PLATFORM_DIRS": "1",
         "IPYTHONDIR": str(dirs["ipython"]),
         "PYTHONNOUSERSITE": "1",
-        "PKR_BENCH_NODELAY_MARK": str(mark),
     }
+
+
+@contextlib.contextmanager
+def kernel_gateway(venv: Path, workdir: Path, nodelay: bool) -> Iterator[dict[str, Any]]:
+    """A Kernel Gateway on a free loopback port; yields ``{"port", "nodelay_mark"}``."""
+    root = workdir / ("kg-nodelay" if nodelay else "kg-shipped")
+    env = jupyter_env(root, venv / "bin")
+    mark = root / "nodelay-mark"
+    env["PKR_BENCH_NODELAY_MARK"] = str(mark)
+    if nodelay:
+        Path(env["JUPYTER_CONFIG_DIR"], "jupyter_kernel_gateway_config.py").write_text(
+            NODELAY_CONFIG
+        )
     port = free_port()
     argv = [
         str(venv / "bin" / "jupyter-kernelgateway"),

@@ -86,12 +86,15 @@ def stamp_latency(text: str, received: float) -> float:
 
 
 class Floor:
-    def __init__(self, sock_dir: str) -> None:
-        self.km = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=f"{sock_dir}/k")
+    def __init__(self, workdir: Path) -> None:
+        root = workdir / "floor"
+        # Its own home and IPython dir, like the other targets' kernels.
+        self.env = gw.jupyter_env(root, os.path.dirname(sys.executable))
+        self.km = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=f"{root}/k")
         self.kc: Any = None
 
     async def start(self) -> None:
-        await self.km.start_kernel()
+        await self.km.start_kernel(env=self.env)
         self.kc = self.km.client()
         self.kc.start_channels()
         await self.kc.wait_for_ready(timeout=60)
@@ -355,7 +358,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     streamed: list[bool] = []
     mark_files: dict[str, Path] = {}
     with contextlib.ExitStack() as stack:
-        floor = Floor(str(workdir))
+        floor = Floor(workdir)
         try:
             await floor.start()
             rt["floor"], ev["floor"] = jupyter_runners(floor)
@@ -413,8 +416,12 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=200, help="warm round trips per target")
     ap.add_argument("--events", type=int, default=30, help="first-event runs per target")
     ap.add_argument("--json", type=Path)
+    # tmpfs when there is one: the runtime's sandbox gives its kernels a tmpfs home, so the
+    # floor's and the gateway's kernels keep their IPython history on one too.
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else "/tmp"
+    ap.add_argument("--scratch", default=shm, help="where the bench's temporary dirs go")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pkrs-", dir="/tmp") as d:
+    with tempfile.TemporaryDirectory(prefix="pkrs-", dir=args.scratch) as d:
         result = asyncio.run(run(args, Path(d)))
     text = json.dumps(result, indent=2)
     print(text)

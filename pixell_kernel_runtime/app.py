@@ -227,6 +227,8 @@ def make_app(runtime: Runtime) -> tornado.web.Application:
         (r"/runtime/sessions/([^/]+)/interrupt", sessions_api.InterruptHandler, kw),
         (r"/runtime/sessions/([^/]+)/restart", sessions_api.RestartHandler, kw),
         (r"/runtime/sessions/([^/]+)/variables", sessions_api.VariablesHandler, kw),
+        (r"/runtime/sessions/([^/]+)/connection", sessions_api.ConnectionHandler, kw),
+        (r"/runtime/sessions/([^/]+)/notebook", sessions_api.NotebookHandler, kw),
         *jupyter_routes(kw),
     ]
     if runtime.settings.metrics_enabled:

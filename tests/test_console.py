@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import select
+import signal
 import stat
 import struct
 import subprocess
@@ -23,9 +24,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import jsonschema
 import pytest
 from conftest import Client, Server, minimal_env, stop_all
 from jwks_server import assert_forbidden, create_token, request
+
+from pixell_kernel_runtime.api.session_openapi import CONNECTION_ANSWER
 
 PKG = "pixell-python-agent@0.1.0"
 SESSION = f"{PKG}:console"
@@ -178,6 +182,7 @@ def test_connection_is_what_the_kernel_listens_on(srv: Server) -> None:
     resp = c.get(_path(session, "/connection"))
     assert resp.status == 200, resp
     body = resp.json()
+    jsonschema.validate(body, CONNECTION_ANSWER)  # as the OpenAPI document says
     assert body["id"] == session and body["kernel_id"] == summary["kernel_id"]
     info = body["connection"]
     assert info["transport"] == "ipc" and info["signature_scheme"] == "hmac-sha256"
@@ -295,3 +300,35 @@ def test_pixell_console_through_a_pty(srv: Server, tmp_path: Path) -> None:
     out = _ok(c, "result = from_console", "cli")
     assert out["result"] == 42, out
     assert _session(c, session)["kernel_pid"] == pid
+
+
+def test_pixell_console_hung_up_still_removes_its_connection_file(
+    srv: Server, tmp_path: Path
+) -> None:
+    """The terminal goes away (SIGHUP) or the command is killed (SIGTERM): the console ends
+    with it, and the file holding the kernel's key does not stay behind."""
+    _ok(srv.client, "pass", "hangup")
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        tmp = tmp_path / f"tmp-{sig.name}"
+        tmp.mkdir()
+        term = Terminal(
+            [
+                sys.executable,
+                "-m",
+                "pixell_kernel_runtime",
+                "console",
+                f"{PKG}:hangup",
+                "--url",
+                f"http://127.0.0.1:{srv.port}",
+            ],
+            _terminal_env(tmp_path / "home", TMPDIR=str(tmp)),
+        )
+        try:
+            term.expect(b"In [")
+            assert len(list(tmp.iterdir())) == 1
+            term.proc.send_signal(sig)
+            assert term.wait() == 128 + sig, term.tail()
+        finally:
+            term.close()
+        assert list(tmp.iterdir()) == [], sig
+    assert _ok(srv.client, "result = 'still here'", "hangup")["result"] == "still here"

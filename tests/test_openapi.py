@@ -158,6 +158,8 @@ REACHED = {
     ("GET /runtime/packages/{package_id}", "200"),
     ("GET /runtime/agents/{agent_id}", "200"),
     ("GET /runtime/sessions/{id}", "200"),
+    ("GET /runtime/sessions/{id}/connection", "200"),
+    ("GET /runtime/sessions/{id}/notebook", "200"),
     ("DELETE /runtime/sessions/{id}", "200"),
     ("POST /runtime/sessions/{id}/interrupt", "200"),
     ("POST /runtime/sessions/{id}/restart", "200"),

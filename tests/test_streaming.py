@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 import tornado.websocket
-from conftest import Server
+from conftest import Server, wait_for
 
 CE = "pixell-python-agent@0.1.0/code-executor"
 STREAM_EXECUTOR = "pixell-python-agent@0.1.0/stream-executor"
@@ -252,6 +252,41 @@ def test_a_reader_behind_the_log_bound_gets_a_marked_gap(server_factory) -> None
     assert [e["id"] for e in kept] == list(range(kept[0]["id"], kept[0]["id"] + 20))
     # The answer itself is whole: the bound is the log's, not the output's.
     assert answer.json()["output"]["stdout"] == "".join(f"{i}\n" for i in range(60))
+
+
+def test_a_reader_that_stops_reading_slows_neither_the_call_nor_the_server(
+    server_factory,
+) -> None:
+    srv = server_factory(["--examples"], env={"EXECUTION_LOG_EVENTS": "20"})
+    # 15 MB of displays: more than the socket buffers between server and reader hold.
+    code = (
+        "import time\nfrom IPython.display import display\nfor i in range(100):\n"
+        "    display({'text/plain': str(i % 10) * 150_000}, raw=True)\n    time.sleep(0.01)\n"
+    )
+    # A reader that reads nothing until the call is over.
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+    body = json.dumps({"input": {"code": code, "session_id": "slow"}}).encode()
+    conn.request("POST", _path(CE) + "?stream=true", body=body)
+    resp = conn.getresponse()
+    execution_id = resp.getheader("X-Execution-Id")
+    # The call runs to its end while the reader sleeps, and the server answers others.
+    assert wait_for(lambda: execution(srv, execution_id)["state"] == "done", timeout=60)
+    health = srv.client.get("/runtime/health", timeout=5)
+    assert health.status == 200, health
+    reader = Sse(resp.status, {}, conn, resp)
+    events = reader.rest()
+    gaps = [e for e in events if e["event"] == "gap"]
+    assert len(gaps) == 1, [e["event"] for e in events][:20]
+    covered: list[int] = []  # every seq, read or named by the gap: none missing, none twice
+    for e in events:
+        gap = e["data"] if e["event"] == "gap" else None
+        covered += list(range(gap["from"], gap["to"] + 1)) if gap else [e["id"]]
+    assert covered == list(range(1, events[-1]["id"] + 1))
+    assert events[-1]["event"] == "done" and events[-1]["data"]["state"] == "done"
+    # It missed what the log no longer held when it came back: most of the 100 displays.
+    displays = [e for e in events if e["event"] == "display"]
+    assert len(displays) + gaps[0]["data"]["to"] - gaps[0]["data"]["from"] + 1 >= 100, gaps
+    assert len(displays) < 60, len(displays)
 
 
 def test_stream_executor_streams_by_default_and_json_when_asked(server_factory) -> None:

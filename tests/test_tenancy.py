@@ -186,6 +186,23 @@ def test_another_tenants_session_is_404_like_a_missing_one(env: Env) -> None:
     assert mine.status == 200 and mine.json()["restarts"] == 0, mine
 
 
+def test_another_tenants_execution_is_404_like_a_missing_one(env: Env) -> None:
+    resp = env.call("alice", "POST", INVOKE, body={"input": {"code": "1", "session_id": "ex"}})
+    assert resp.status == 200, resp
+    execution_id = resp.json()["metadata"]["execution_id"]
+    assert env.call("alice", "GET", f"/runtime/executions/{execution_id}").status == 200
+    for path in ("", "/events"):
+        theirs = env.call("bob", "GET", f"/runtime/executions/{execution_id}{path}")
+        missing = env.call("bob", "GET", f"/runtime/executions/{uuid.uuid4()}{path}")
+        assert theirs.status == missing.status == 404, (theirs, missing)
+        assert theirs.json()["code"] == missing.json()["code"] == "execution_not_found"
+    cancel = env.call("bob", "POST", f"/runtime/executions/{execution_id}/cancel", body={})
+    assert cancel.status == 404, cancel
+    # Reading needs the invoke scope: a sessions-only principal is refused.
+    viewer = env.call("viewer", "GET", f"/runtime/executions/{execution_id}")
+    assert viewer.status == 403, viewer
+
+
 def test_invoking_the_same_session_id_reaches_ones_own_kernel(env: Env) -> None:
     out = env.run("bob", "secret", "only-a")
     assert out["status"] == "error" and out["exception"]["ename"] == "NameError", out

@@ -15,7 +15,7 @@ from functools import cache
 from typing import Any
 
 from pixell_kernel_runtime import __version__
-from pixell_kernel_runtime.api import base
+from pixell_kernel_runtime.api import base, session_openapi
 from pixell_kernel_runtime.api.openapi_schemas import BOOL, SCHEMAS, STR, Schema, obj, ref
 
 PATH = "/runtime/openapi.json"
@@ -295,6 +295,7 @@ def _paths() -> dict[str, Any]:
                 params=session,
             )
         },
+        **session_openapi.PATHS,
         "/metrics": {
             "get": _op(
                 "Prometheus text (404 when METRICS_ENABLED is off)",

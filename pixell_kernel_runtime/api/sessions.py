@@ -3,10 +3,12 @@ notebook export."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from pixell_kernel_runtime.api.base import BaseHandler
 from pixell_kernel_runtime.errors import Conflict
+from pixell_kernel_runtime.execution import notebook
 
 
 class SessionsHandler(BaseHandler):
@@ -69,7 +71,7 @@ def connection_info(km: Any) -> dict[str, Any]:
     record (``km``) that says which sockets the server itself connects to."""
     info = km.get_connection_info(session=False)
     key = info.get("key", b"")
-    out: dict[str, Any] = {
+    return {
         "transport": info["transport"],
         "ip": info["ip"],
         **{f"{name}_port": int(info[f"{name}_port"]) for name in _SOCKETS},
@@ -77,7 +79,6 @@ def connection_info(km: Any) -> dict[str, Any]:
         "signature_scheme": info["signature_scheme"],
         "kernel_name": km.kernel_name,
     }
-    return out
 
 
 def socket_paths(connection: dict[str, Any]) -> dict[str, str] | None:
@@ -112,3 +113,20 @@ class ConnectionHandler(BaseHandler):
                 "paths": socket_paths(connection),
             }
         )
+
+
+class NotebookHandler(BaseHandler):
+    """The session's executed cells and their outputs as a .ipynb (execution/notebook.py)."""
+
+    route = "/runtime/sessions/{id}/notebook"
+    scopes = {"GET": "sessions"}
+
+    async def get(self, key: str) -> None:
+        tenant = self.tenant()
+        session = self.runtime.sessions.get(key, tenant)
+        export = notebook.collect(session, self.runtime.executions.for_session(tenant, session.key))
+        # Building and validating is CPU work on kernel output (up to the export's cap).
+        body = await asyncio.to_thread(notebook.render, export)
+        self.set_header("Content-Type", notebook.MEDIA_TYPE)
+        self.set_header("Content-Disposition", f'attachment; filename="{export.filename}"')
+        self.finish(body)

@@ -17,7 +17,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +90,10 @@ class Execution:
     cancel_requested: bool = False
     # What ended the call before it had an answer of its own (plain invoke raises it again).
     failure: BaseException | None = None
-    _events: deque[Event] = field(default_factory=deque)
+    # The log: _log[_head:] is what is kept (a list, so that a reader finds its next event by
+    # seq in O(1); the trimmed head is compacted away now and then).
+    _log: list[Event] = field(default_factory=list)
+    _head: int = 0
     _bytes: int = 0
     _next_seq: int = 1
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -102,13 +105,15 @@ class Execution:
         size = len(json.dumps(data, default=str, ensure_ascii=False))
         event = Event(self._next_seq, kind, data, size)
         self._next_seq += 1
-        self._events.append(event)
+        self._log.append(event)
         self._bytes += size
         # The newest event always stays, even alone over the byte bound.
-        while len(self._events) > 1 and (
-            len(self._events) > self.limits.events or self._bytes > self.limits.bytes
-        ):
-            self._bytes -= self._events.popleft().size
+        while self.kept > 1 and (self.kept > self.limits.events or self._bytes > self.limits.bytes):
+            self._bytes -= self._log[self._head].size
+            self._head += 1
+        if self._head > 256 and self._head * 2 > len(self._log):
+            del self._log[: self._head]
+            self._head = 0
         self._wake()
         return event
 
@@ -146,23 +151,40 @@ class Execution:
     async def wait(self) -> None:
         await self._finished.wait()
 
+    @property
+    def kept(self) -> int:
+        return len(self._log) - self._head
+
+    def events(self) -> list[Event]:
+        """The events the log still holds, oldest first."""
+        return self._log[self._head :]
+
+    def _at(self, seq: int) -> Event | None:
+        """The kept event ``seq``, if the log holds it."""
+        if self.kept == 0:
+            return None
+        index = self._head + seq - self._log[self._head].seq
+        return self._log[index] if self._head <= index < len(self._log) else None
+
     async def follow(self, after: int = 0, keepalive: float | None = None) -> AsyncIterator[Event]:
         """Events with ``seq > after``, as they come, until ``done``; a ``gap`` event first
         for what the log no longer holds. With ``keepalive`` a quiet stream yields a
         ``keepalive`` event (seq 0, not logged) every that many seconds."""
         while True:
             changed = self._changed
-            first = self._events[0].seq if self._events else self._next_seq
+            first = self._log[self._head].seq if self.kept else self._next_seq
             if after + 1 < first:
                 yield Event(0, "gap", {"from": after + 1, "to": first - 1}, 0)
                 after = first - 1
-            for event in list(self._events):
-                if event.seq > after:
-                    yield event
-                    after = event.seq
-                    if event.kind == "done":
-                        return
-            if self.done and after >= self.last_seq:
+                continue
+            event = self._at(after + 1)
+            if event is not None:
+                yield event
+                after = event.seq
+                if event.kind == "done":
+                    return
+                continue
+            if self.done:
                 return
             try:
                 await asyncio.wait_for(changed.wait(), keepalive)
