@@ -229,6 +229,7 @@ async def _call(
     metrics.INVOCATIONS.labels(kind, status).inc()
     metrics.INVOKE_DURATION.labels(kind).observe(duration_ms / 1000.0)
     execution.execution_count = run.execution_count
+    execution.output_bytes = run.output_bytes
     state = _STATES.get(outcome) or (record.ERROR if failed else record.DONE)
     execution.finish(
         state,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pixell_kernel_runtime.errors import NotFound, RuntimeAPIError
+
+log = logging.getLogger(__name__)
 
 # Failures that are answers (the envelope's status and message), not incidents to log.
 ANSWERED = (RuntimeAPIError,)
@@ -65,6 +68,22 @@ def _iso(ts: float | None) -> str | None:
 
 
 @dataclass
+class Hooks:
+    """Callbacks on every execution's start and end (on the loop; they must not block)."""
+
+    started: list[Callable[[Execution], None]] = field(default_factory=list)
+    finished: list[Callable[[Execution], None]] = field(default_factory=list)
+
+    @staticmethod
+    def call(callbacks: list[Callable[[Execution], None]], execution: Execution) -> None:
+        for callback in callbacks:
+            try:
+                callback(execution)
+            except Exception:  # noqa: BLE001 - a hook's failure must not fail the call
+                log.exception("execution hook %r failed for %s", callback, execution.id)
+
+
+@dataclass
 class Execution:
     """One call's record. Mutated only on the event loop."""
 
@@ -90,6 +109,10 @@ class Execution:
     cancel_requested: bool = False
     # What ended the call before it had an answer of its own (plain invoke raises it again).
     failure: BaseException | None = None
+    # Told when the call starts running and when it ends (metering): the store's hooks.
+    hooks: Hooks | None = None
+    # What its output weighed on the wire (stream bytes and rich outputs), for metering.
+    output_bytes: int = 0
     # The log: _log[_head:] is what is kept (a list, so that a reader finds its next event by
     # seq in O(1); the trimmed head is compacted away now and then).
     _log: list[Event] = field(default_factory=list)
@@ -122,6 +145,8 @@ class Execution:
             self.state = RUNNING
             self.started = time.time()
             self.emit("status", {"state": RUNNING, "execution_id": self.id})
+            if self.hooks is not None:
+                self.hooks.call(self.hooks.started, self)
 
     def finish(self, state: str, answer: dict[str, Any] | None) -> None:
         """The final state and answer; the log's last event is ``done`` with the answer."""
@@ -133,6 +158,8 @@ class Execution:
         self.ended = time.time()
         self.emit("done", {"state": state, "execution_id": self.id, **(answer or {})})
         self._finished.set()
+        if self.hooks is not None:
+            self.hooks.call(self.hooks.finished, self)
 
     def _wake(self) -> None:
         self._changed.set()
@@ -233,6 +260,7 @@ class ExecutionStore:
         self.keep_count = keep_count
         self.limits = limits or LogLimits()
         self._all: OrderedDict[str, Execution] = OrderedDict()
+        self.hooks = Hooks()
         self._expired: OrderedDict[str, None] = OrderedDict()
 
     def create(
@@ -259,6 +287,7 @@ class ExecutionStore:
             code=code,
             input=input,
             limits=self.limits,
+            hooks=self.hooks,
         )
         self._all[execution.id] = execution
         return execution

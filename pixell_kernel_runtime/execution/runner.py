@@ -160,6 +160,12 @@ class CellRun:
     def complete(self) -> bool:
         return self.idle and self.status is not None
 
+    @property
+    def output_bytes(self) -> int:
+        """What the kernel sent as output (streams, rich outputs, errors): wire bytes seen."""
+        streams = sum(t.bytes_seen for t in self._streams.values())
+        return streams + self._outputs.bytes_seen + self._dropped_bytes
+
     def truncation(self) -> dict[str, Any]:
         """What was seen against what was kept, for the answer (``truncated`` says if any)."""
         return {
