@@ -132,20 +132,22 @@ def test_quickstart_starts_and_stops_its_own_runtime(tmp_path: Path) -> None:
                 server_trees.append(process_tree(pid))
 
     env = minimal_env(tmp_path / "home")  # no PIXELL_RUNTIME_URL: the notebook starts one
-    nb = _execute(
-        REPO / "notebooks" / "01-quickstart.ipynb", env, tmp_path, on_cell_executed=snapshot
-    )
+    try:
+        nb = _execute(
+            REPO / "notebooks" / "01-quickstart.ipynb", env, tmp_path, on_cell_executed=snapshot
+        )
+    finally:
+        # Once the notebook (and its kernel) ended, nothing it started may be left running;
+        # what is left is killed here, whatever happened, not leaked into the next tests.
+        wait_for(lambda: not _alive(seen), 10.0)
+        left = _alive(seen)
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
     out = _stdout(nb)
     assert re.search(r"started a runtime at http://127\.0\.0\.1:\d+\n", out), out
     assert "stopped the runtime this notebook started (exit code 0)\n" in out, out
     _check_quickstart(nb)
     # The snapshots saw the server and, under it, the sandboxed kernels of the sessions.
     assert server_trees and max(len(t) for t in server_trees) > 1, server_trees
-    # Once the notebook (and its kernel) ended, nothing it started is left running; what is
-    # left is killed here (not leaked into the next tests) and reported.
-    wait_for(lambda: not _alive(seen), 10.0)
-    left = _alive(seen)
-    for pid in left:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    assert not left, sorted(left)
+    assert not left, f"processes outlived the notebook: {sorted(left)}"

@@ -164,7 +164,7 @@ class CellRun:
     def output_bytes(self) -> int:
         """What the kernel sent as output (streams, rich outputs, errors): wire bytes seen."""
         streams = sum(t.bytes_seen for t in self._streams.values())
-        return streams + self._outputs.bytes_seen + self._dropped_bytes
+        return streams + self._outputs.bytes_seen
 
     def truncation(self) -> dict[str, Any]:
         """What was seen against what was kept, for the answer (``truncated`` says if any)."""

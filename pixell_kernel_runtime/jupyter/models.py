@@ -67,9 +67,7 @@ def find_package(runtime: Any, name: str, principal: Principal | None) -> Instal
     raise NotFound(f"No such kernelspec: {name}", code="kernelspec_not_found")
 
 
-def find_session(
-    runtime: Any, kernel_id: str, tenant: str, principal: Principal | None
-) -> Session:
+def find_session(runtime: Any, kernel_id: str, tenant: str, principal: Principal | None) -> Session:
     """The session of a kernel id, in the caller's tenant and of a package they may use."""
     session = runtime.sessions.by_kernel_id(kernel_id, tenant)
     if not may_use(runtime, session.package, principal):
