@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pixell_kernel_runtime import metrics
 from pixell_kernel_runtime.auth.access import AccessPolicy
 from pixell_kernel_runtime.auth.principal import Principal
 from pixell_kernel_runtime.errors import NotFound
@@ -101,9 +102,14 @@ class Agents:
     async def load(
         self, path: Path, *, sha256: str | None, source: str, use_sidecar: bool = False
     ) -> InstallResult:
-        result = await self.store.install(
-            path, sha256=sha256, source=source, use_sidecar=use_sidecar
-        )
+        try:
+            result = await self.store.install(
+                path, sha256=sha256, source=source, use_sidecar=use_sidecar
+            )
+        except Exception:
+            metrics.PACKAGE_LOADS.labels("refused").inc()
+            raise
+        metrics.PACKAGE_LOADS.labels(result.status).inc()
         if result.previous is not None:
             # The old code must not keep running under the replaced id.
             await self._retire(result.previous)

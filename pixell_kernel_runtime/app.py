@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ from typing import Any
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
+from pythonjsonlogger.json import JsonFormatter
 
 from pixell_kernel_runtime import __version__, bundled, metrics
 from pixell_kernel_runtime.agents import Agents
@@ -103,6 +103,7 @@ class Runtime:
             ),
         )
         self.executor = Executor(self.sessions, self.executions)
+        self.bind_metrics()
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -178,27 +179,42 @@ class Runtime:
     def sandbox_report(self) -> dict[str, Any]:
         return self.sandbox.report()
 
-    def refresh_gauges(self) -> None:
-        metrics.PACKAGES_LOADED.set(len(self.store.list()))
-        metrics.SESSIONS_ACTIVE.set(self.sessions.counts()["active"])
+    def bind_metrics(self) -> None:
+        metrics.AGENT_LABELS = self.settings.metrics_agent_labels
+        metrics.bind(
+            packages=lambda: len(self.store.list()),
+            sessions_by_state=self.sessions.by_state,
+            queue_depth=self.sessions.queue_depth,
+            executions=lambda: self.executions.counts()["kept"],
+        )
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """One line per request: the route template, and what the call was about where it applies
+    (the handler's ``log_fields``: agent, session, execution, trace). The path is logged
+    without its query (a websocket's ``?token=`` never reaches the log)."""
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    latency = 1000.0 * handler.request.request_time()
+    principal = getattr(handler, "principal", None)
+    extra = {
+        "request_id": getattr(handler, "request_id", None),
+        "method": handler.request.method,
+        "route": getattr(handler, "route", None),
+        "path": handler.request.path,
+        "status": status,
+        "latency_ms": round(latency, 3),
+        "tenant": principal.tenant if principal is not None else None,
+        **getattr(handler, "log_fields", {}),
+    }
     logging.getLogger("pixell_kernel_runtime.access").log(
         level,
         "%s %s %d %.1fms",
         handler.request.method,
         handler.request.path,
         status,
-        1000.0 * handler.request.request_time(),
-        extra={
-            "request_id": getattr(handler, "request_id", None),
-            "method": handler.request.method,
-            "path": handler.request.path,
-            "status": status,
-        },
+        latency,
+        extra={k: v for k, v in extra.items() if v is not None},
     )
 
 
@@ -245,41 +261,55 @@ def make_app(runtime: Runtime) -> tornado.web.Application:
     )
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        for key in (
-            "request_id",
-            "method",
-            "path",
-            "status",
-            "event_type",
-            "tenant",
-            "subject",
-            "route",
-            "reason",
-        ):
-            if hasattr(record, key):
-                doc[key] = getattr(record, key)
-        if record.exc_info:
-            doc["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+class _Json(JsonFormatter):  # type: ignore[misc]
+    def add_fields(self, log_record: dict[str, Any], record: Any, message_dict: Any) -> None:
+        super().add_fields(log_record, record, message_dict)
+        log_record["level"] = record.levelname.lower()
 
 
 def configure_logging(settings: Settings) -> None:
+    """``json``: one JSON object a line (python-json-logger), with the fields a call passes as
+    ``extra`` (request_id, route, tenant, execution_id, ...); ``text``/``console``: for people."""
     handler = logging.StreamHandler()
     if settings.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(
+            _Json(
+                "%(timestamp)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"levelname": "level", "name": "logger", "message": "event"},
+                timestamp=True,
+            )
+        )
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+
+
+def _serve_metrics(settings: Settings) -> tornado.httpserver.HTTPServer | None:
+    """Prometheus text on its own port. A default port already in use (a Prometheus server on
+    9090, say) is a warning; one the operator asked for is fatal."""
+    if not settings.metrics_enabled:
+        return None
+    try:
+        sockets = tornado.netutil.bind_sockets(settings.metrics_port, settings.metrics_host)
+    except OSError as exc:
+        if settings.metrics_port_explicit:
+            raise RuntimeError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc}"
+            ) from None
+        log.warning(
+            "metrics port %s:%d unavailable (%s): metrics only at /metrics on the API port",
+            settings.metrics_host,
+            settings.metrics_port,
+            exc.strerror,
+        )
+        return None
+    server = tornado.httpserver.HTTPServer(runtime_api.metrics_app(), xheaders=False)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
+    return server
 
 
 async def serve(settings: Settings) -> None:
@@ -307,6 +337,7 @@ async def serve(settings: Settings) -> None:
         log.info(
             "Pixell Kernel Runtime %s listening on http://%s:%d", __version__, settings.host, port
         )
+        metrics_server = _serve_metrics(settings)
         if runtime.auth.generated:
             # Jupyter's convention: a non-loopback bind with nothing configured gets a token,
             # shown once, on stdout only (never through the logs).
@@ -319,5 +350,7 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
         log.info("shutting down")
         server.stop()
+        if metrics_server is not None:
+            metrics_server.stop()
     finally:
         await runtime.stop()

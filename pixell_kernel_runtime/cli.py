@@ -130,7 +130,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="operator sandbox policy file, YAML or JSON (env SANDBOX_CONFIG)",
     )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (env LOG_LEVEL)")
-    p.add_argument("--log-format", choices=["text", "json"], help="env LOG_FORMAT")
+    p.add_argument("--log-format", choices=["text", "console", "json"], help="env LOG_FORMAT")
+    p.add_argument(
+        "--metrics-port", type=int, help="the metrics port (env METRICS_PORT; default 9090)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,13 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     metrics_enabled: bool = True
+    # Prometheus text on a port of its own (0: any free port; the log says which).
+    metrics_port: int = 9090
+    metrics_host: str = "127.0.0.1"
+    # Set when METRICS_PORT (or --metrics-port) was given: then a port in use is fatal.
+    metrics_port_explicit: bool = False
+    # Agents with a label of their own in the metrics (then `other`): bounds the series.
+    metrics_agent_labels: int = 200
     # Sessions and execution.
     default_timeout_seconds: float = 60.0
     max_timeout_seconds: float = 600.0
@@ -105,8 +112,12 @@ class Settings:
             raise ValueError(
                 f"sandbox mode must be strict, best_effort or off, got {self.sandbox_mode!r}"
             )
+        if self.log_format == "console":
+            self.log_format = "text"
         if self.log_format not in ("text", "json"):
-            raise ValueError(f"log format must be text or json, got {self.log_format!r}")
+            raise ValueError(f"log format must be json or console (text), got {self.log_format!r}")
+        if not (0 <= self.metrics_port <= 65535):
+            raise ValueError(f"METRICS_PORT must be 0-65535, got {self.metrics_port}")
         if self.default_timeout_seconds <= 0 or self.max_timeout_seconds <= 0:
             raise ValueError("timeouts must be positive")
         if self.default_timeout_seconds > self.max_timeout_seconds:
@@ -153,6 +164,9 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "LOG_LEVEL": ("log_level", str),
     "LOG_FORMAT": ("log_format", str),
     "METRICS_ENABLED": ("metrics_enabled", _as_bool),
+    "METRICS_PORT": ("metrics_port", int),
+    "METRICS_HOST": ("metrics_host", str),
+    "METRICS_AGENT_LABELS": ("metrics_agent_labels", int),
     "DEFAULT_TIMEOUT_SECONDS": ("default_timeout_seconds", float),
     "MAX_TIMEOUT_SECONDS": ("max_timeout_seconds", float),
     "SESSION_QUEUE_SIZE": ("session_queue_size", int),
@@ -204,6 +218,8 @@ def from_env(environ: dict[str, str] | None = None) -> Settings:
                 setattr(settings, attr, conv(raw))
             except ValueError as exc:
                 raise ValueError(f"environment variable {name}={raw!r}: {exc}") from None
+            if attr == "metrics_port":
+                settings.metrics_port_explicit = True
     for name, (attr, conv) in ARCHIVE_ENV_VARS.items():
         raw = environ.get(name) or environ.get("PIXELL_" + name)
         if raw:
@@ -222,4 +238,6 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
         if key not in names:
             raise KeyError(key)
         setattr(settings, key, value)
+        if key == "metrics_port":
+            settings.metrics_port_explicit = True
     return settings

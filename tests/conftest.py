@@ -153,6 +153,8 @@ class Server:
             env = {k: v for k, v in os.environ.items() if k != "PORT"}
         else:
             env = minimal_env(self.state_dir.parent / "home")
+        # Any free metrics port (the log says which): test servers must not race for 9090.
+        env["METRICS_PORT"] = "0"
         env.update(self.env)
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(

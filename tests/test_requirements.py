@@ -304,17 +304,23 @@ def test_metrics_count_invocations_kernel_starts_and_deaths(
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert delta('pixell_invocations_total{kind="code-executor",status="success"}') == 3
-    assert delta('pixell_invocations_total{kind="code-executor",status="error"}') == 2
-    assert delta('pixell_invocations_total{kind="handler",status="success"}') == 1
+    code = 'agent="pixell-python-agent@0.1.0/code-executor"'
+    assert delta(f'pixell_invocations_total{{{code},status="success"}}') == 3
+    assert delta(f'pixell_invocations_total{{{code},status="error"}}') == 2
+    assert delta(f'pixell_invocations_total{{agent="{HELLO}/greet",status="success"}}') == 1
     assert delta('pixell_kernel_starts_total{reason="new"}') == 2
     assert delta('pixell_kernel_starts_total{reason="restart"}') == 1
-    assert delta('pixell_kernel_deaths_total{cause="died"}') == 1
+    assert delta('pixell_kernel_start_seconds_count') == 3
+    # os._exit(3): the process exited (not a signal, not the memory limit).
+    assert delta('pixell_kernel_deaths_total{reason="exit"}') == 1
     route = 'route="/runtime/agents/{id}/invoke"'
     assert delta(f'pixell_http_requests_total{{method="POST",{route},status="200"}}') == 6
     assert delta('pixell_invoke_duration_seconds_count{kind="code-executor"}') == 5
     assert after["pixell_packages_loaded"] == 2
     assert after["pixell_sessions_active"] == 2
+    assert after['pixell_sessions{state="idle"}'] == 2
+    assert after["pixell_queue_depth"] == 0
+    assert after['pixell_package_loads_total{result="installed"}'] == 2
 
 
 # ---- build, a raw slash, uids ----------------------------------------------------------------

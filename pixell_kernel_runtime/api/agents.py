@@ -66,6 +66,12 @@ class InvokeHandler(BaseHandler):
             subject=self.principal.subject,
         )
         self.set_header("X-Execution-Id", execution.id)
+        self.log_fields = {
+            "agent_id": agent.id,
+            "session_id": request.session_id,
+            "execution_id": execution.id,
+            "trace_id": body.get("trace_id") or self.request_id,
+        }
         if stream:
             keepalive = self.runtime.settings.sse_keepalive_seconds
             await sse.send(self, execution, after=0, keepalive=keepalive)

@@ -41,6 +41,8 @@ class Authorised:
     #: Websocket routes alone may carry their token as ``?token=`` (browsers cannot set headers).
     query_token = False
     principal: Principal | None = None
+    # What the request was about, for its access log line (agent_id, session_id, ...).
+    log_fields: dict[str, Any] = {}
     runtime: Any
     request: Any
 

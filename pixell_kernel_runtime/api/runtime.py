@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import tornado.web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pixell_kernel_runtime import __version__, metrics
@@ -45,6 +46,18 @@ class MetricsHandler(BaseHandler):
     scopes = {"GET": "usage"}
 
     def get(self) -> None:
-        self.runtime.refresh_gauges()
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(metrics.REGISTRY))
+
+
+class MetricsPortHandler(tornado.web.RequestHandler):
+    """``/metrics`` on the metrics port (METRICS_HOST, loopback by default): no credentials,
+    as Prometheus scrapes; bind it where only the scraper reaches it."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(metrics.REGISTRY))
+
+
+def metrics_app() -> tornado.web.Application:
+    return tornado.web.Application([(r"/metrics", MetricsPortHandler)])

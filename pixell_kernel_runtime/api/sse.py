@@ -14,6 +14,7 @@ from typing import Any
 import tornado.iostream
 import tornado.web
 
+from pixell_kernel_runtime import metrics
 from pixell_kernel_runtime.errors import ValidationFailed
 from pixell_kernel_runtime.execution.record import Event, Execution
 
@@ -82,8 +83,10 @@ async def send(
         handler.write(": stream of execution " + execution.id + "\n\n")
         await handler.flush()
         async for event in stream:
-            handler.write(frame(event))
+            chunk = frame(event).encode()
+            handler.write(chunk)
             await handler.flush()
+            metrics.STREAM_BYTES.labels("sse").inc(len(chunk))
     except tornado.iostream.StreamClosedError:
         return  # the reader left; the execution runs on, and can be resumed
     finally:

@@ -14,6 +14,7 @@ from typing import Any
 import tornado.iostream
 import tornado.websocket
 
+from pixell_kernel_runtime import metrics
 from pixell_kernel_runtime.api import invoke_request
 from pixell_kernel_runtime.api.agents import callable_agent
 from pixell_kernel_runtime.api.base import parse_json
@@ -66,8 +67,10 @@ class StreamSocket(WebSocketBase):
 
     async def _send(self, doc: dict[str, Any]) -> None:
         # Awaited, so a slow reader holds one message here and falls behind in the log.
+        text = json_text(doc)
         try:
-            await self.write_message(json_text(doc))
+            await self.write_message(text)
+            metrics.STREAM_BYTES.labels("websocket").inc(len(text))
         except tornado.iostream.StreamClosedError:
             raise tornado.websocket.WebSocketClosedError() from None
 

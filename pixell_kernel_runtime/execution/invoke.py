@@ -226,7 +226,7 @@ async def _call(
         if not failed:
             execution.emit("result", {"output": output})
     status = "error" if failed else "success"
-    metrics.INVOCATIONS.labels(kind, status).inc()
+    metrics.INVOCATIONS.labels(metrics.agent_label(agent.id), status).inc()
     metrics.INVOKE_DURATION.labels(kind).observe(duration_ms / 1000.0)
     execution.execution_count = run.execution_count
     execution.output_bytes = run.output_bytes

@@ -103,6 +103,16 @@ class SessionManager:
             if isinstance(result, BaseException):
                 log.error("closing a session failed: %r", result)
 
+    def by_state(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in list(self._sessions.values()):
+            state = s.state()
+            out[state] = out.get(state, 0) + 1
+        return out
+
+    def queue_depth(self) -> int:
+        return sum(s.waiting for s in list(self._sessions.values()))
+
     def counts(self) -> dict[str, int]:
         active = sum(1 for s in self._sessions.values() if s.kernel is not None)
         return {"total": len(self._sessions), "active": active, "created": self.created_total}
@@ -274,6 +284,7 @@ class SessionManager:
             caps=self.caps,
         )
         kernel.on_death = functools.partial(self._on_death, session)
+        launched = time.monotonic()
         try:
             await kernel.start()
         except KernelStartError as exc:
@@ -286,7 +297,20 @@ class SessionManager:
                 f"{str(exc).splitlines()[0]}",
                 code="kernel_start_failed",
             ) from None
+        seconds = time.monotonic() - launched
         metrics.KERNEL_STARTS.labels("restart" if session.generation else "new").inc()
+        metrics.KERNEL_START_SECONDS.observe(seconds)
+        log.info(
+            "session %s: kernel started in %.2fs (pid %s)",
+            session.key,
+            seconds,
+            kernel.pid,
+            extra={
+                "event_type": "kernel_started",
+                "session": session.key,
+                "tenant": session.tenant,
+            },
+        )
         session.kernel = kernel
         new_generation(
             session, f"{session.ended}; a new kernel was started" if session.ended else None
@@ -313,7 +337,19 @@ class SessionManager:
         if kernel is not None and kernel.exit is None:
             await kernel.is_alive()  # reads how it ended
         exit_ = kernel.exit if kernel is not None else None
-        await self._drop_kernel(session, cause=cause)
+        reason = metrics.death_reason(exit_.signal, exit_.code) if exit_ else "exit"
+        log.info(
+            "session %s: kernel died (%s)",
+            session.key,
+            exit_.describe() if exit_ else "unknown",
+            extra={
+                "event_type": "kernel_died",
+                "session": session.key,
+                "reason": reason,
+                "seen": cause,
+            },
+        )
+        await self._drop_kernel(session, cause=reason)
         session.ended = exit_.describe() if exit_ else "the kernel died"
 
     async def restart_failed(self, session: Session, exc: Exception, what: str) -> NoReturn:
