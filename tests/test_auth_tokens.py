@@ -310,6 +310,7 @@ def call(env: Env, method: str, path: str, token: str | None, **kw: Any) -> Resp
 
 
 MISSING_SESSION = quote(f"{PKG}:no-such-session", safe="")
+MISSING_EXECUTION = "0b6e3c1a-0000-4000-8000-000000000000"
 # (method, path, body, the scope it needs) for every route but health.
 ROUTES: list[tuple[str, str, Any, str]] = [
     ("POST", f"/runtime/agents/{quote(AGENT, safe='@')}/invoke", {"input": {}}, "invoke"),
@@ -328,6 +329,21 @@ ROUTES: list[tuple[str, str, Any, str]] = [
     ("DELETE", f"/runtime/packages/{quote(PKG, safe='@')}", None, "packages:write"),
     ("GET", "/runtime/sandbox", None, "admin"),
     ("GET", "/metrics", None, "usage"),  # usage or admin
+    ("GET", f"/runtime/sessions/{MISSING_SESSION}/connection", None, "attach"),
+    ("GET", f"/runtime/sessions/{MISSING_SESSION}/notebook", None, "sessions"),
+    ("GET", f"/runtime/executions/{MISSING_EXECUTION}", None, "invoke"),
+    ("GET", f"/runtime/executions/{MISSING_EXECUTION}/events", None, "invoke"),
+    ("POST", f"/runtime/executions/{MISSING_EXECUTION}/cancel", b"", "invoke"),
+    ("GET", f"/runtime/agents/{quote(AGENT, safe='@')}/stream", None, "invoke"),
+    ("GET", "/api", None, "attach"),
+    ("GET", "/api/kernelspecs", None, "attach"),
+    ("GET", "/api/kernels", None, "attach"),
+    ("POST", "/api/kernels", {"name": "nope"}, "attach"),
+    ("GET", f"/api/kernels/{MISSING_EXECUTION}", None, "attach"),
+    ("DELETE", f"/api/kernels/{MISSING_EXECUTION}", None, "attach"),
+    ("POST", f"/api/kernels/{MISSING_EXECUTION}/interrupt", b"", "attach"),
+    ("POST", f"/api/kernels/{MISSING_EXECUTION}/restart", b"", "attach"),
+    ("GET", f"/api/kernels/{MISSING_EXECUTION}/channels", None, "attach"),
 ]
 ROUTE_IDS = [f"{m} {p.split('?')[0]}" for m, p, _b, _s in ROUTES]
 

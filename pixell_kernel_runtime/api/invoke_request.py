@@ -10,7 +10,7 @@ from pixell_kernel_runtime.errors import ValidationFailed
 from pixell_kernel_runtime.execution.invoke import InvokeRequest
 from pixell_kernel_runtime.packages.manifest import CODE_EXECUTOR
 
-_SESSION_ID_RE = re.compile(r"[A-Za-z0-9._@:+=-]{1,128}")
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9._@:+=-]{1,128}")
 DEFAULT_SESSION = "default"
 
 
@@ -22,7 +22,7 @@ def session_id_of(input_: dict[str, Any], context: dict[str, Any]) -> str:
     raw = input_.get("session_id", context.get("session_id"))
     if raw is None or raw == "":
         return DEFAULT_SESSION
-    if not isinstance(raw, str) or not _SESSION_ID_RE.fullmatch(raw):
+    if not isinstance(raw, str) or not SESSION_ID_RE.fullmatch(raw):
         raise _invalid("session_id", "must be 1-128 characters of letters, digits and ._@:+=-")
     return raw
 

@@ -17,6 +17,7 @@ from typing import Any
 from pixell_kernel_runtime import __version__
 from pixell_kernel_runtime.api import base, session_openapi
 from pixell_kernel_runtime.api.openapi_schemas import BOOL, SCHEMAS, STR, Schema, obj, ref
+from pixell_kernel_runtime.jupyter import openapi_paths as jupyter_openapi
 
 PATH = "/runtime/openapi.json"
 
@@ -26,7 +27,7 @@ _REASONS = {
     403: "The credentials lack the operation's scope",
     400: "Refused: the message says what is wrong (a file that is not a package, a bad "
     "digest, a body that cannot be parsed by its Content-Type, a path that is not UTF-8)",
-    404: "No such agent, package or session",
+    404: "No such agent, package, session, execution, kernel or kernel spec",
     409: "Conflict with the session's state",
     413: "Body over its cap: MAX_UPLOAD_BYTES for uploads, MAX_BODY_BYTES (or 1,000,000 JSON "
     "values) for JSON bodies",
@@ -318,7 +319,7 @@ def _document() -> dict[str, Any]:
             "description": "Runs APKG agent packages in sandboxed Jupyter kernels, one per "
             "session. Every error answer is the envelope {error, message, code}.",
         },
-        "paths": _paths(),
+        "paths": {**_paths(), **jupyter_openapi.PATHS},
         "components": {
             "securitySchemes": {
                 "bearer": {
@@ -330,7 +331,7 @@ def _document() -> dict[str, Any]:
                     "loopback with neither tokens nor OIDC configured.",
                 }
             },
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **jupyter_openapi.SCHEMAS},
             "parameters": {
                 "agent_id": _path_param(
                     "agent_id", "`name@version/export`; its `/` may be raw or %2F"
@@ -340,6 +341,7 @@ def _document() -> dict[str, Any]:
                     "execution_id", "an execution's id (`metadata.execution_id`, X-Execution-Id)"
                 ),
                 "id": _path_param("id", "a session's `id` (`package_id:session_id`)"),
+                **jupyter_openapi.PARAMETERS,
             },
             "responses": {
                 f"E{code}": {

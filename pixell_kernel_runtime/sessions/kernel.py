@@ -55,7 +55,7 @@ RECEIVE_QUEUE_MESSAGES = 16
 
 
 @cache
-def _bounded_context() -> zmq.asyncio.Context:
+def bounded_context() -> zmq.asyncio.Context:
     ctx = zmq.asyncio.Context()
     ctx.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     ctx.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_MESSAGES)
@@ -229,7 +229,7 @@ class SessionKernel:
             self.on_death(self)
 
     async def _read_status(self, url: str) -> None:
-        sock = _bounded_context().socket(zmq.SUB)
+        sock = bounded_context().socket(zmq.SUB)
         try:
             sock.setsockopt(zmq.MAXMSGSIZE, STATUS_MESSAGE_BYTES)
             sock.setsockopt(zmq.LINGER, 0)
@@ -263,7 +263,7 @@ class SessionKernel:
         return True
 
     async def _connect(self) -> None:
-        self.kc = self.km.client(context=_bounded_context())
+        self.kc = self.km.client(context=bounded_context())
         self.kc.start_channels()
         try:
             await self.kc.wait_for_ready(timeout=START_TIMEOUT)
