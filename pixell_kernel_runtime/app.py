@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -17,7 +16,6 @@ from typing import Any
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
-from pythonjsonlogger.json import JsonFormatter
 
 from pixell_kernel_runtime import __version__, bundled, metrics
 from pixell_kernel_runtime.agents import Agents
@@ -104,6 +102,11 @@ class Runtime:
         )
         self.executor = Executor(self.sessions, self.executions)
         self.bind_metrics()
+        # Set at SIGTERM: requests on connections still open are answered 503 shutting_down.
+        self.shutting_down = False
+        self._requests = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -178,6 +181,22 @@ class Runtime:
 
     def sandbox_report(self) -> dict[str, Any]:
         return self.sandbox.report()
+
+    def request_started(self) -> None:
+        self._requests += 1
+        self._idle.clear()
+
+    def request_ended(self) -> None:
+        self._requests -= 1
+        if self._requests <= 0:
+            self._requests = 0
+            self._idle.set()
+
+    async def requests_done(self, timeout: float) -> None:
+        """Until every request being answered has been (at most ``timeout`` seconds)."""
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
 
     def bind_metrics(self) -> None:
         metrics.AGENT_LABELS = self.settings.metrics_agent_labels
@@ -259,98 +278,3 @@ def make_app(runtime: Runtime) -> tornado.web.Application:
         compress_response=False,
         xsrf_cookies=False,
     )
-
-
-class _Json(JsonFormatter):  # type: ignore[misc]
-    def add_fields(self, log_record: dict[str, Any], record: Any, message_dict: Any) -> None:
-        super().add_fields(log_record, record, message_dict)
-        log_record["level"] = record.levelname.lower()
-
-
-def configure_logging(settings: Settings) -> None:
-    """``json``: one JSON object a line (python-json-logger), with the fields a call passes as
-    ``extra`` (request_id, route, tenant, execution_id, ...); ``text``/``console``: for people."""
-    handler = logging.StreamHandler()
-    if settings.log_format == "json":
-        handler.setFormatter(
-            _Json(
-                "%(timestamp)s %(levelname)s %(name)s %(message)s",
-                rename_fields={"levelname": "level", "name": "logger", "message": "event"},
-                timestamp=True,
-            )
-        )
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
-
-
-def _serve_metrics(settings: Settings) -> tornado.httpserver.HTTPServer | None:
-    """Prometheus text on its own port. A default port already in use (a Prometheus server on
-    9090, say) is a warning; one the operator asked for is fatal."""
-    if not settings.metrics_enabled:
-        return None
-    try:
-        sockets = tornado.netutil.bind_sockets(settings.metrics_port, settings.metrics_host)
-    except OSError as exc:
-        if settings.metrics_port_explicit:
-            raise RuntimeError(
-                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc}"
-            ) from None
-        log.warning(
-            "metrics port %s:%d unavailable (%s): metrics only at /metrics on the API port",
-            settings.metrics_host,
-            settings.metrics_port,
-            exc.strerror,
-        )
-        return None
-    server = tornado.httpserver.HTTPServer(runtime_api.metrics_app(), xheaders=False)
-    server.add_sockets(sockets)
-    port = sockets[0].getsockname()[1]
-    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
-    return server
-
-
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut every kernel down before exiting."""
-    runtime = Runtime(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await runtime.start()
-        app = make_app(runtime)
-        server = tornado.httpserver.HTTPServer(
-            app,
-            # Each handler enforces its own cap with a 413 (JSON bodies MAX_BODY_BYTES, uploads
-            # MAX_UPLOAD_BYTES); this outer bound only stops what no handler would take.
-            max_body_size=max(settings.max_body_bytes, settings.max_upload_bytes),
-            # Uploads raise their own cap per request (stream_request_body).
-            max_buffer_size=settings.max_body_bytes,
-            xheaders=False,
-        )
-        sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
-        server.add_sockets(sockets)
-        port = sockets[0].getsockname()[1]
-        log.info(
-            "Pixell Kernel Runtime %s listening on http://%s:%d", __version__, settings.host, port
-        )
-        metrics_server = _serve_metrics(settings)
-        if runtime.auth.generated:
-            # Jupyter's convention: a non-loopback bind with nothing configured gets a token,
-            # shown once, on stdout only (never through the logs).
-            print(
-                f"\n    Authentication is required (bound to {settings.host}). Use this token:"
-                f"\n    Authorization: Bearer {runtime.auth.generated}\n",
-                flush=True,
-            )
-            runtime.auth.generated = None
-        await stop.wait()
-        log.info("shutting down")
-        server.stop()
-        if metrics_server is not None:
-            metrics_server.stop()
-    finally:
-        await runtime.stop()

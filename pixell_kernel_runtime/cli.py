@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from pixell_kernel_runtime.app import configure_logging, serve
+    from pixell_kernel_runtime.server import configure_logging, serve
 
     configure_logging(settings)
     try:

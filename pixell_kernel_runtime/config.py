@@ -100,6 +100,8 @@ class Settings:
     output_max_bytes: int = 16 * MiB
     # A comment line on a quiet SSE stream this often (proxies drop idle connections).
     sse_keepalive_seconds: float = 15.0
+    # SIGTERM: how long running calls (and their streams) may take to finish.
+    shutdown_grace_seconds: float = 30.0
 
     @property
     def store_dir(self) -> Path:
@@ -141,6 +143,8 @@ class Settings:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.shutdown_grace_seconds < 0:
+            raise ValueError("SHUTDOWN_GRACE_SECONDS must not be negative")
         if self.output_stream_chars > 1 * MiB:
             # The kernel caps each stream at just under 1 MiB before it is sent.
             raise ValueError("OUTPUT_STREAM_CHARS must be at most 1048576 (the kernel's cap)")
@@ -198,6 +202,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "OUTPUT_MAX_OUTPUTS": ("output_max_outputs", int),
     "OUTPUT_MAX_BYTES": ("output_max_bytes", int),
     "SSE_KEEPALIVE_SECONDS": ("sse_keepalive_seconds", float),
+    "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", float),
 }
 
 ARCHIVE_ENV_VARS: dict[str, tuple[str, Any]] = {

@@ -921,7 +921,9 @@ def test_packages_with_the_same_module_names_stay_apart(client: Client, tmp_path
 def test_no_kernel_survives_the_server(
     server_factory: Any, example_apkgs: dict[str, Path], sig: int
 ) -> None:
-    server = server_factory()
+    # A grace shorter than the running call: it is cancelled (tests/test_shutdown.py has the
+    # call that finishes within it).
+    server = server_factory(env={"SHUTDOWN_GRACE_SECONDS": "1"})
     client = server.client
     for apkg in example_apkgs.values():
         assert client.load(apkg).status == 200
@@ -946,7 +948,7 @@ def test_no_kernel_survives_the_server(
         pending = pool.submit(client.invoke, CE, {"code": "time.sleep(30)", "session_id": "s2"})
         assert wait_for(lambda: get_session(client, skey(PKG, "s2"))["kernel_state"] == "busy")
         rc = server.stop(sig)
-        # Shutting down ends the running call first, and answers it so.
+        # Past the grace, shutting down ends the running call first, and answers it so.
         answer = pending.result(timeout=30)
     assert rc == 0, server.logs()[-3000:]
     assert answer.status == 503 and answer.json()["code"] == "shutting_down", answer

@@ -19,7 +19,7 @@ from pixell_kernel_runtime.api.authorised import (
     Authorised,
     implemented,
 )
-from pixell_kernel_runtime.errors import RuntimeAPIError, ValidationFailed
+from pixell_kernel_runtime.errors import RuntimeAPIError, ServiceUnavailable, ValidationFailed
 
 log = logging.getLogger("pixell_kernel_runtime.http")
 __all__ = ["ANY", "PUBLIC", "BaseHandler", "Field", "NotFoundHandler", "dumps", "parse_json"]
@@ -162,6 +162,14 @@ class BaseHandler(Authorised, tornado.web.RequestHandler):
         self.request_id = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
         self.set_header("X-Request-ID", self.request_id)
         self._started = time.perf_counter()
+        self._counted = hasattr(self.runtime, "request_started")
+        if self._counted:
+            self.runtime.request_started()
+        if getattr(self.runtime, "shutting_down", False):
+            raise ServiceUnavailable(
+                "the server is shutting down; retry on another instance or after it restarts",
+                code="shutting_down",
+            )
         self.principal = await self._authenticate()
         length = self.request.headers.get("Content-Length", "")
         if self.buffers_body and length.isdigit() and int(length) > self.body_limit():
@@ -316,7 +324,17 @@ class BaseHandler(Authorised, tornado.web.RequestHandler):
             return
         super().log_exception(typ, value, tb)
 
+    def _uncount(self) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.runtime.request_ended()
+
+    def on_connection_close(self) -> None:
+        self._uncount()
+        super().on_connection_close()
+
     def on_finish(self) -> None:
+        self._uncount()
         status = self.get_status()
         p = self.principal
         if p is not None and p.admin and p.via != "open" and self.request.method != "GET":

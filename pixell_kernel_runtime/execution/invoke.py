@@ -120,6 +120,27 @@ class Executor:
         await asyncio.sleep(0)  # the task now waits in the queue: a cancel reaches its body
         return execution
 
+    def running(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, grace: float, force: asyncio.Event) -> None:
+        """Shutdown: wait up to ``grace`` seconds for running calls to end (unless ``force``)."""
+        if not self._tasks or force.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        forced = asyncio.ensure_future(force.wait())
+        try:
+            while self._tasks and not force.is_set():
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                await asyncio.wait(
+                    [*self._tasks, forced], timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+        finally:
+            forced.cancel()
+
     async def stop(self) -> None:
         """Server shutdown: calls still running end as cancelled."""
         for task in list(self._tasks):
