@@ -131,6 +131,8 @@ def collect(session: Any, executions: list[Execution]) -> Export:
             out.not_run += 1  # it ended before reaching the kernel: nothing to show
             continue
         ran += 1
+        if e.silent:
+            continue  # a front end's own execute (completions, inspectors), not a user's cell
         export = exports.get(e.agent_id or "")
         handler = None
         if rest and e.kind != CODE_EXECUTOR and export is not None:

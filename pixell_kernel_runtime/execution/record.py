@@ -96,6 +96,8 @@ class Execution:
     kind: str  # the agent kind (code-executor, handler) or "notebook" for a Jupyter cell
     code: str | None = None  # the cell's source, when there is one (export, replay)
     input: dict[str, Any] | None = None  # a handler call's input (export)
+    # A silent execute (a front end's own, not a user's cell): not exported as a cell.
+    silent: bool = False
     limits: LogLimits = field(default_factory=LogLimits)
     state: str = QUEUED
     created: float = field(default_factory=time.time)
@@ -274,6 +276,7 @@ class ExecutionStore:
         kind: str,
         code: str | None = None,
         input: dict[str, Any] | None = None,
+        silent: bool = False,
     ) -> Execution:
         self.prune()
         execution = Execution(
@@ -286,6 +289,7 @@ class ExecutionStore:
             kind=kind,
             code=code,
             input=input,
+            silent=silent,
             limits=self.limits,
             hooks=self.hooks,
         )

@@ -224,6 +224,7 @@ class CellQueue:
             subject=conn.subject,
             kind="notebook",
             code=code if isinstance(code, str) else "",
+            silent=bool(content.get("silent")),
         )
         run = CellRun(msg["msg_id"], listener=execution.emit, caps=kernel.caps)
         cell = _Cell(msg["msg_id"], run, kernel)
