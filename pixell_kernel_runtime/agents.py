@@ -24,6 +24,8 @@ class PackageSessions(Protocol):
 
     async def shutdown_package(self, package_id: str) -> int: ...
 
+    def package_loaded(self, package: InstalledPackage) -> None: ...
+
 
 @dataclass(frozen=True)
 class Agent:
@@ -113,6 +115,8 @@ class Agents:
         if result.previous is not None:
             # The old code must not keep running under the replaced id.
             await self._retire(result.previous)
+        if self.sessions is not None:
+            self.sessions.package_loaded(result.package)
         return result
 
     async def unload(self, package_id: str) -> InstalledPackage:

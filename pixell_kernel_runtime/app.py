@@ -172,6 +172,7 @@ class Runtime:
             "total_invocations": self.sessions.invocations,
             "status": "running",
             "sessions": self.sessions.counts(),
+            "pool": self.sessions.pool.describe() if self.sessions.pool else {"size": 0},
         }
         if host:
             out["sandbox"] = self.sandbox.report()
@@ -205,6 +206,7 @@ class Runtime:
             sessions_by_state=self.sessions.by_state,
             queue_depth=self.sessions.queue_depth,
             executions=lambda: self.executions.counts()["kept"],
+            pool_size=lambda: self.sessions.pool.ready() if self.sessions.pool else 0,
         )
 
 

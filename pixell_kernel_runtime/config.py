@@ -60,7 +60,17 @@ class Settings:
     max_timeout_seconds: float = 600.0
     session_queue_size: int = 16
     max_sessions: int = 64
-    session_idle_seconds: float = 3600.0
+    # The original promised 90 minutes.
+    session_idle_seconds: float = 5400.0
+    # Past MAX_SESSIONS or KERNELS_MEMORY_BUDGET: evict the least recently used idle session
+    # (lru) or answer 503 with Retry-After (refuse).
+    session_eviction: str = "lru"
+    # All kernels together (RSS of their process trees), bytes; 0: no budget.
+    kernels_memory_budget: int = 0
+    # Warm kernels per loaded package, started ahead of demand (0: no pool); modules they
+    # import before a session takes them (comma-separated, e.g. "pandas").
+    pool_size: int = 1
+    pool_preload: str = ""
     kernels_dir: Path | None = None
     run_dir: Path | None = None
     # Sandbox.
@@ -143,6 +153,12 @@ class Settings:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.session_eviction not in ("lru", "refuse"):
+            raise ValueError(
+                f"SESSION_EVICTION must be lru or refuse, got {self.session_eviction!r}"
+            )
+        if self.pool_size < 0 or self.kernels_memory_budget < 0:
+            raise ValueError("POOL_SIZE and KERNELS_MEMORY_BUDGET must not be negative")
         if self.shutdown_grace_seconds < 0:
             raise ValueError("SHUTDOWN_GRACE_SECONDS must not be negative")
         if self.output_stream_chars > 1 * MiB:
@@ -150,6 +166,23 @@ class Settings:
             raise ValueError("OUTPUT_STREAM_CHARS must be at most 1048576 (the kernel's cap)")
         if self.packages_dir is not None and not self.packages_dir.is_dir():
             raise ValueError(f"packages dir is not a directory: {self.packages_dir}")
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(value: str) -> int:
+    """Bytes from ``8589934592``, ``8G``, ``512M``, ``512MiB`` or ``1.5G``."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1] if text and text[-1] in _UNITS else ""
+    number = text[: len(text) - len(unit)].strip()
+    try:
+        size = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: {value!r} (say 8G, 512M or a number of bytes)") from None
+    if size < 0:
+        raise ValueError(f"not a size: {value!r}")
+    return int(size * _UNITS[unit])
 
 
 def _as_bool(value: str) -> bool:
@@ -176,6 +209,10 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "SESSION_QUEUE_SIZE": ("session_queue_size", int),
     "MAX_SESSIONS": ("max_sessions", int),
     "SESSION_IDLE_SECONDS": ("session_idle_seconds", float),
+    "SESSION_EVICTION": ("session_eviction", str),
+    "KERNELS_MEMORY_BUDGET": ("kernels_memory_budget", parse_size),
+    "POOL_SIZE": ("pool_size", int),
+    "POOL_PRELOAD": ("pool_preload", str),
     "KERNELS_DIR": ("kernels_dir", Path),
     "RUN_DIR": ("run_dir", Path),
     "SANDBOX_MODE": ("sandbox_mode", str),

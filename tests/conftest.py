@@ -155,6 +155,9 @@ class Server:
             env = minimal_env(self.state_dir.parent / "home")
         # Any free metrics port (the log says which): test servers must not race for 9090.
         env["METRICS_PORT"] = "0"
+        # No warm kernels unless a test asks (tests/test_pool.py): a hundred servers each
+        # starting kernels nobody uses would only slow the suite.
+        env["POOL_SIZE"] = "0"
         env.update(self.env)
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(

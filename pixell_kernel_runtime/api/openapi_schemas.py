@@ -125,6 +125,8 @@ SCHEMAS: dict[str, Schema] = {
             "total_invocations": INT,
             "status": {"const": "running"},
             "sessions": obj({"total": INT, "active": INT, "created": INT}),
+            # The warm pool: kernels per package (0: off), ready now, sessions that took one.
+            "pool": obj({"size": INT}, {"ready": INT, "hits": INT, "misses": INT}),
             "sandbox": ref("Sandbox"),
         }
     ),
@@ -315,6 +317,8 @@ SCHEMAS: dict[str, Schema] = {
             "executions": INT,
             "restarts": INT,
             "queued": INT,
+            # Seconds before the culler closes it if nothing happens; null while it is busy.
+            "idle_seconds_left": or_null(NUM),
         },
         # Host facts: only for principals with the attach or admin scope.
         {

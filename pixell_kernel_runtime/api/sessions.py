@@ -18,7 +18,8 @@ class SessionsHandler(BaseHandler):
     def get(self) -> None:
         host = self.can_see_host()
         sessions = self.runtime.sessions.list(self.listing_tenant())
-        self.write_json({"sessions": [s.summary(host=host) for s in sessions]})
+        idle = self.runtime.settings.session_idle_seconds
+        self.write_json({"sessions": [s.summary(host=host, idle_limit=idle) for s in sessions]})
 
 
 class SessionHandler(BaseHandler):
@@ -27,7 +28,8 @@ class SessionHandler(BaseHandler):
 
     def get(self, key: str) -> None:
         session = self.runtime.sessions.get(key, self.tenant())
-        self.write_json(session.summary(host=self.can_see_host()))
+        idle = self.runtime.settings.session_idle_seconds
+        self.write_json(session.summary(host=self.can_see_host(), idle_limit=idle))
 
     async def delete(self, key: str) -> None:
         await self.runtime.sessions.delete(key, self.tenant())

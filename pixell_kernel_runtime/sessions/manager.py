@@ -35,9 +35,11 @@ from pixell_kernel_runtime.execution.bootstrap import (
 )
 from pixell_kernel_runtime.packages.store import InstalledPackage
 from pixell_kernel_runtime.sandbox import Sandbox
-from pixell_kernel_runtime.sandbox.environment import kernel_environment
 from pixell_kernel_runtime.sandbox.kernelspec import RuntimeKernelSpecManager
+from pixell_kernel_runtime.sessions import launch
+from pixell_kernel_runtime.sessions.budget import MemoryBudget
 from pixell_kernel_runtime.sessions.kernel import KernelStartError, SessionKernel
+from pixell_kernel_runtime.sessions.pool import WarmPool
 from pixell_kernel_runtime.sessions.session import (
     Session,
     closed_error,
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 # How long a variables read waits for a kernel busy with another client's cell (it never
 # interrupts nor restarts: a read changes nothing).
 VARIABLES_TIMEOUT = 10.0
+# What a 503 for a full runtime (sessions, memory) tells clients to wait.
+RETRY_AFTER_SECONDS = 30
 
 
 class SessionManager:
@@ -78,6 +82,9 @@ class SessionManager:
         self.created_total = 0
         # Calls that passed validation (what /runtime/info reports as total_invocations).
         self.invocations = 0
+        self.pool: WarmPool | None = None
+        budget = settings.kernels_memory_budget
+        self.budget = MemoryBudget(budget, self._all_kernels) if budget else None
         self.caps = runner.OutputCaps(
             stream_chars=settings.output_stream_chars,
             outputs=settings.output_max_outputs,
@@ -89,9 +96,21 @@ class SessionManager:
     async def start(self) -> None:
         self.spec_manager = RuntimeKernelSpecManager(self.settings.kernels_dir)
         self.sandbox.kernel_spec = self.spec_manager.describe()
+        spec_manager = self.spec_manager
+        if self.settings.pool_size > 0:
+            self.pool = WarmPool(
+                size=self.settings.pool_size,
+                sandbox=self.sandbox,
+                spec_manager=lambda: spec_manager,
+                caps=self.caps,
+                preload=tuple(m for m in self.settings.pool_preload.split(",") if m.strip()),
+                room=self.budget.room_for_one if self.budget is not None else None,
+            )
         self._culler = asyncio.create_task(self._cull_loop())
 
     async def stop(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
         if self._culler is not None:
             self._culler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -102,6 +121,10 @@ class SessionManager:
         for result in results:
             if isinstance(result, BaseException):
                 log.error("closing a session failed: %r", result)
+
+    def _all_kernels(self) -> list[SessionKernel]:
+        live = [s.kernel for s in list(self._sessions.values()) if s.kernel is not None]
+        return live + (self.pool.kernels() if self.pool is not None else [])
 
     def by_state(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -184,29 +207,19 @@ class SessionManager:
                 code="too_many_sessions",
                 retry_after=30,
             )
-        if len(self._sessions) >= self.settings.max_sessions:
-            leaving.append(self._detach(self._eviction_victim()))
+        await self._make_room(leaving)
         tier = package.manifest.resource_tier if resource_tier is None else resource_tier
-        try:
-            sbx = await asyncio.to_thread(
-                functools.partial(
-                    self.sandbox.open_session,
-                    package_root=package.root,
-                    package_name=package.manifest.name,
-                    package_id=package.id,
-                    resource_tier=tier,
-                )
-            )
-        except (OSError, RuntimeError) as exc:
-            log.error("cannot open a sandbox session for %s: %s", key, exc)
-            raise ServiceUnavailable(
-                f"could not set up a sandbox for session {session_id}: {exc}",
-                code="sandbox_unavailable",
-            ) from None
+        warm = self.pool.take(package, tier) if self.pool is not None else None
+        if warm is not None:
+            sbx = warm.sandbox
+        else:
+            sbx = await launch.open_sandbox(self.sandbox, package, tier, f"session {session_id}")
         try:
             # Replaced or unloaded while the sandbox was set up: its files may be gone.
             self._check_current(package)
         except RuntimeAPIError:
+            if warm is not None:
+                await warm.kernel.shutdown()
             await asyncio.to_thread(self.sandbox.close_session, sbx)
             raise
         session = Session(
@@ -217,9 +230,40 @@ class SessionManager:
             sandbox=sbx,
             resource_tier=tier,
         )
+        if warm is not None:
+            # A warm kernel: the session's first call does not wait for a kernel to boot.
+            warm.kernel.on_death = functools.partial(self._on_death, session)
+            session.kernel = warm.kernel
+            new_generation(session, None)
         self._sessions[(tenant, key)] = session
         self.created_total += 1
         return session
+
+    async def _make_room(self, leaving: list[Session]) -> None:
+        """Room for one more session: under MAX_SESSIONS and the kernels' memory budget. Past
+        either, warm kernels go first, then the least recently used idle session (or, with
+        SESSION_EVICTION=refuse, a 503 with Retry-After)."""
+        if len(self._sessions) >= self.settings.max_sessions:
+            leaving.append(
+                self._detach(
+                    self._victim(
+                        f"all {self.settings.max_sessions} sessions (MAX_SESSIONS) are in use"
+                    )
+                )
+            )
+        if self.budget is None:
+            return
+        while not await self.budget.room_for_one([s.kernel for s in leaving if s.kernel]):
+            if self.pool is not None and await self.pool.shrink():
+                continue
+            limit = self.budget.limit // (1024 * 1024)
+            leaving.append(
+                self._detach(
+                    self._victim(
+                        f"the kernels hold their memory budget (KERNELS_MEMORY_BUDGET, {limit} MiB)"
+                    )
+                )
+            )
 
     def _check_current(self, package: InstalledPackage) -> None:
         """The package a waiting call resolved must still be the one loaded under its id."""
@@ -237,13 +281,16 @@ class SessionManager:
                 code="package_replaced",
             )
 
-    def _eviction_victim(self) -> Session:
+    def _victim(self, why: str) -> Session:
+        """The idle session to evict (least recently active), or a 503 saying ``why``."""
         idle = [s for s in self._sessions.values() if not s.busy and s.waiting == 0]
-        if not idle:
-            raise ServiceUnavailable(
-                f"all {self.settings.max_sessions} sessions are busy; try again later",
-                code="too_many_sessions",
+        if not idle or self.settings.session_eviction == "refuse":
+            error = ServiceUnavailable(
+                f"{why}" + ("; every session is busy" if not idle else "") + "; try again later",
+                code="too_many_sessions" if "MAX_SESSIONS" in why else "memory_budget",
             )
+            error.retry_after = RETRY_AFTER_SECONDS
+            raise error
         # A console's running cell counts: the least recently active idle session goes.
         victim = min(idle, key=lambda s: (s.kernel_busy(), s.last_active()))
         log.info("evicting idle session %s to make room", victim.key)
@@ -268,27 +315,17 @@ class SessionManager:
             if await session.kernel.is_alive():
                 return session.kernel
             await self.kernel_ended(session, cause="died_idle")
-        dirs = session.sandbox.dirs
-        env = kernel_environment(
-            session.package.manifest.environment,
-            package_root=str(session.package.root),
-            home=dirs.home,
-            tmp=dirs.tmp,
-        )
         assert self.spec_manager is not None, "SessionManager.start() first"
-        kernel = SessionKernel(
-            sandbox=self.sandbox,
-            sandbox_session=session.sandbox,
-            spec_manager=self.spec_manager,
-            env=env,
-            caps=self.caps,
-        )
-        kernel.on_death = functools.partial(self._on_death, session)
-        launched = time.monotonic()
         try:
-            await kernel.start()
+            kernel = await launch.start_kernel(
+                self.sandbox,
+                session.sandbox,
+                session.package,
+                self.spec_manager,
+                self.caps,
+                reason="restart" if session.generation else "new",
+            )
         except KernelStartError as exc:
-            await asyncio.to_thread(self.sandbox.end_launch, session.sandbox)
             if session.closed:  # its directory was removed under the starting kernel
                 raise closed_error(session, "started its kernel") from None
             log.error("session %s: %s", session.key, exc)
@@ -297,20 +334,7 @@ class SessionManager:
                 f"{str(exc).splitlines()[0]}",
                 code="kernel_start_failed",
             ) from None
-        seconds = time.monotonic() - launched
-        metrics.KERNEL_STARTS.labels("restart" if session.generation else "new").inc()
-        metrics.KERNEL_START_SECONDS.observe(seconds)
-        log.info(
-            "session %s: kernel started in %.2fs (pid %s)",
-            session.key,
-            seconds,
-            kernel.pid,
-            extra={
-                "event_type": "kernel_started",
-                "session": session.key,
-                "tenant": session.tenant,
-            },
-        )
+        kernel.on_death = functools.partial(self._on_death, session)
         session.kernel = kernel
         new_generation(
             session, f"{session.ended}; a new kernel was started" if session.ended else None
@@ -497,7 +521,14 @@ class SessionManager:
                 )
             return answers.user_expression(run).get("variables", [])
 
+    def package_loaded(self, package: InstalledPackage) -> None:
+        """A package was loaded: warm kernels for it from now on."""
+        if self.pool is not None:
+            self.pool.want(package)
+
     async def shutdown_package(self, package_id: str) -> int:
+        if self.pool is not None:
+            await self.pool.drop(package_id)
         victims = [s for s in self._sessions.values() if s.package.id == package_id]
         await asyncio.gather(*(self._close_quietly(s, "retired") for s in victims))
         return len(victims)

@@ -74,7 +74,14 @@ class Session:
             return "busy" if self.busy else "idle"
         return "dead" if self.kernel is not None or self.ended else "not_started"
 
-    def summary(self, *, host: bool = True) -> dict[str, Any]:
+    def idle_seconds_left(self, idle_limit: float, now: float | None = None) -> float | None:
+        """Seconds before the culler closes this session if nothing happens (None: busy)."""
+        if self.busy or self.waiting or self.kernel_busy():
+            return None
+        now = time.time() if now is None else now
+        return round(max(0.0, idle_limit - (now - self.last_active())), 3)
+
+    def summary(self, *, host: bool = True, idle_limit: float | None = None) -> dict[str, Any]:
         """``host``: include host facts (pid, connection file path, RSS) -- attach/admin only."""
         pid = self.kernel.pid if self.kernel else None
         out = {
@@ -93,6 +100,8 @@ class Session:
             "restarts": self.restarts,
             "queued": self.waiting,
         }
+        if idle_limit is not None:
+            out["idle_seconds_left"] = self.idle_seconds_left(idle_limit)
         if host:
             out["kernel_pid"] = pid
             # For `pixell-kernel-runtime console` / `jupyter console --existing` on this host.
