@@ -26,6 +26,7 @@ from pixell_kernel_runtime.api import packages as packages_api
 from pixell_kernel_runtime.api import runtime as runtime_api
 from pixell_kernel_runtime.api import sessions as sessions_api
 from pixell_kernel_runtime.api import stream as stream_api
+from pixell_kernel_runtime.api import usage as usage_api
 from pixell_kernel_runtime.api.base import NotFoundHandler
 from pixell_kernel_runtime.auth import Authenticator
 from pixell_kernel_runtime.auth.access import AccessPolicy
@@ -34,6 +35,7 @@ from pixell_kernel_runtime.errors import RuntimeAPIError
 from pixell_kernel_runtime.execution.invoke import Executor
 from pixell_kernel_runtime.execution.record import ExecutionStore, LogLimits
 from pixell_kernel_runtime.jupyter import routes as jupyter_routes
+from pixell_kernel_runtime.metering import Metering
 from pixell_kernel_runtime.packages import builder
 from pixell_kernel_runtime.packages.store import PackageStore
 from pixell_kernel_runtime.sandbox import Sandbox, layout
@@ -64,6 +66,7 @@ class Runtime:
         # file must not leave a /tmp/pkr-* dir behind.
         access = AccessPolicy.load(settings.access_policy)
         self.auth = Authenticator.from_settings(settings)
+        self.metering = Metering.open(settings)
         # An operator's RUN_DIR is theirs: only what the runtime creates in it is removed.
         self._own_run_dir = settings.run_dir is None
         self.run_dir = settings.run_dir or Path(
@@ -101,6 +104,7 @@ class Runtime:
             ),
         )
         self.executor = Executor(self.sessions, self.executions)
+        self.metering.attach(self)
         self.bind_metrics()
         # Set at SIGTERM: requests on connections still open are answered 503 shutting_down.
         self.shutting_down = False
@@ -151,6 +155,8 @@ class Runtime:
             await self.executor.stop()
             await self.sessions.stop()
         finally:
+            # After the sessions: the calls they cancelled are recorded too.
+            await self.metering.close()
             await asyncio.to_thread(self.sandbox.close)
             await asyncio.to_thread(self._remove_run_dir)
 
@@ -207,6 +213,7 @@ class Runtime:
             queue_depth=self.sessions.queue_depth,
             executions=lambda: self.executions.counts()["kept"],
             pool_size=lambda: self.sessions.pool.ready() if self.sessions.pool else 0,
+            ledger_lag=self.metering.pending,
         )
 
 
@@ -259,6 +266,7 @@ def make_app(runtime: Runtime) -> tornado.web.Application:
         (r"/runtime/executions/([^/]+)", executions_api.ExecutionHandler, kw),
         (r"/runtime/executions/([^/]+)/events", executions_api.EventsHandler, kw),
         (r"/runtime/executions/([^/]+)/cancel", executions_api.CancelHandler, kw),
+        (r"/runtime/usage", usage_api.UsageHandler, kw),
         (r"/runtime/sessions", sessions_api.SessionsHandler, kw),
         (r"/runtime/sessions/([^/]+)", sessions_api.SessionHandler, kw),
         (r"/runtime/sessions/([^/]+)/interrupt", sessions_api.InterruptHandler, kw),

@@ -1,4 +1,4 @@
-"""Command line: ``serve`` (the default) and ``build``."""
+"""Command line: ``serve`` (the default), ``build``, ``console``, ``token``, ``usage export``."""
 
 from __future__ import annotations
 
@@ -80,6 +80,21 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--tenant", required=True)
     revoke.add_argument("--name", required=True)
 
+    usage = sub.add_parser("usage", help="usage metering: export the ledger")
+    usub = usage.add_subparsers(dest="usage_command", required=True)
+    export = usub.add_parser(
+        "export",
+        help="write (and --send) Stripe meter events for a period",
+        description="One Stripe meter event per execution that ended in [--from, --to), its "
+        "identifier the execution id. With --send they are posted with the stripe library "
+        "(STRIPE_API_KEY; STRIPE_API_BASE overrides the address) and recorded in the ledger, "
+        "so that a rerun sends only the rest. Exit 0 done, 1 Stripe refused or failed some, "
+        "2 bad arguments, 3 --strict and a tenant without a customer.",
+    )
+    from pixell_kernel_runtime.metering import stripe_export
+
+    stripe_export.add_arguments(export)
+
     build = sub.add_parser("build", help="build APKG archives from agent source folders")
     build.add_argument("sources", nargs="+", type=Path, help="folders holding agent.yaml")
     build.add_argument("-o", "--output", type=Path, required=True, help="output folder")
@@ -154,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "token":
         return _token(args)
+
+    if args.command == "usage":
+        from pixell_kernel_runtime.metering import stripe_export
+
+        return stripe_export.run(args)
 
     if args.command == "build":
         from pixell_kernel_runtime.packages import builder

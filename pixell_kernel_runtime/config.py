@@ -112,6 +112,8 @@ class Settings:
     sse_keepalive_seconds: float = 15.0
     # SIGTERM: how long running calls (and their streams) may take to finish.
     shutdown_grace_seconds: float = 30.0
+    # The usage ledger (SQLite); default STATE_DIR/metering.db.
+    metering_db: Path | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -240,6 +242,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "OUTPUT_MAX_BYTES": ("output_max_bytes", int),
     "SSE_KEEPALIVE_SECONDS": ("sse_keepalive_seconds", float),
     "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", float),
+    "METERING_DB": ("metering_db", Path),
 }
 
 ARCHIVE_ENV_VARS: dict[str, tuple[str, Any]] = {

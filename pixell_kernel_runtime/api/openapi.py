@@ -18,6 +18,7 @@ from pixell_kernel_runtime import __version__
 from pixell_kernel_runtime.api import base, session_openapi
 from pixell_kernel_runtime.api.openapi_schemas import BOOL, SCHEMAS, STR, Schema, obj, ref
 from pixell_kernel_runtime.jupyter import openapi_paths as jupyter_openapi
+from pixell_kernel_runtime.metering import openapi_paths as metering_openapi
 
 PATH = "/runtime/openapi.json"
 
@@ -319,7 +320,7 @@ def _document() -> dict[str, Any]:
             "description": "Runs APKG agent packages in sandboxed Jupyter kernels, one per "
             "session. Every error answer is the envelope {error, message, code}.",
         },
-        "paths": {**_paths(), **jupyter_openapi.PATHS},
+        "paths": {**_paths(), **jupyter_openapi.PATHS, **metering_openapi.PATHS},
         "components": {
             "securitySchemes": {
                 "bearer": {

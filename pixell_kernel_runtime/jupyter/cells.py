@@ -255,6 +255,7 @@ class CellQueue:
                 stop = content.get("stop_on_error", True) and not content.get("silent")
                 if run.status != "ok" and stop and self._cells_behind():
                     self._aborting = True
+                execution.output_bytes = run.output_bytes
                 execution.finish(_state(outcome, run, execution), _answer(outcome, run, kernel))
         finally:
             if self.current is cell:
