@@ -84,7 +84,13 @@ def what_is_missing(sb: Any) -> list[tuple[str, str]]:
         )
         out.append(("cgroup limits", f"no memory/CPU/pids cap beyond per-process rlimits; {bound}"))
     if not cg.get("ok"):
-        out.append(("cgroup kill", "leftover processes are found by uid, not by cgroup"))
+        if p.uid:
+            sweep = "leftover processes are found by the session's uid, not by cgroup"
+        elif p.uses_namespaces:
+            sweep = "leftover processes die with the session's pid namespace"
+        else:
+            sweep = "NOTHING kills a process a kernel left behind (setsid) when its session ends"
+        out.append(("cgroup kill", sweep))
     if p.network_isolation is None:
         out.append(("network isolation", "kernels can reach the network"))
     elif p.network_isolation != "namespace":
