@@ -7,7 +7,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install install-test system-deps lint bench
+.PHONY: run test install install-test system-deps test-system-deps lint bench
 
 # Debian's bubblewrap gives every kernel its own namespaces (network included); python3-venv
 # brings ensurepip, without which `python3 -m venv` cannot make the project venv.
@@ -23,6 +23,17 @@ system-deps:
 		fi; \
 	fi
 
+# What only the tests use: tini (the Docker image's init, run by tests/test_docker.py) and
+# Debian's own python3 with venv (tests/test_nonroot.py runs the wheel as an unprivileged
+# user, who cannot reach an interpreter under a private home such as pyenv's).
+test-system-deps:
+	@missing=""; \
+	command -v tini >/dev/null 2>&1 || missing="$$missing tini"; \
+	/usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3 python3-venv"; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1; then \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $$missing; \
+	fi
+
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 
@@ -35,7 +46,7 @@ $(VENV)/.installed-test: pyproject.toml | $(VPY)
 
 install: system-deps $(VENV)/.installed-run
 
-install-test: system-deps $(VENV)/.installed-test
+install-test: system-deps test-system-deps $(VENV)/.installed-test
 
 run: install
 	$(VENV)/bin/pixell-kernel-runtime serve --examples
@@ -49,4 +60,5 @@ lint: install-test
 	$(VPY) -m ruff check . && $(VPY) -m ruff format --check .
 
 bench: install-test
-	$(VPY) bench/bench_packages.py && $(VPY) bench/bench_invoke.py && $(VPY) bench/bench_sandbox.py
+	$(VPY) bench/bench_packages.py && $(VPY) bench/bench_invoke.py && $(VPY) bench/bench_sandbox.py \
+		&& $(VPY) bench/bench_streaming.py && $(VPY) bench/bench_compare.py
