@@ -158,6 +158,8 @@ class Execution:
         self.state = state
         self.answer = answer
         self.ended = time.time()
+        # A kept record must not keep its finished task (and the call's frames) alive.
+        self.canceller = None
         self.emit("done", {"state": state, "execution_id": self.id, **(answer or {})})
         self._finished.set()
         if self.hooks is not None:
