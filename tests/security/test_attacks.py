@@ -579,6 +579,10 @@ def ctx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     udp.bind(("127.0.0.1", 0))
     udp.setblocking(False)
     env = {"PIXELL_TEST_SECRET": secret, "SANDBOX_CONFIG": str(config), **MODES[mode]}
+    # The usage ledger changes with every call the server meters (its own writes): out of the
+    # state dir, whose every byte the attacks must leave as it was.
+    (base / "ledger").mkdir()
+    env["METERING_DB"] = str(base / "ledger" / "metering.db")
     server = Server(base / "state", ["--examples"], env)
     c: Ctx | None = None
     try:
