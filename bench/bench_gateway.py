@@ -3,7 +3,11 @@
 - its own venv (``~/.cache/pixell-bench/kg-venv``, made once with ``python -m venv`` and
   ``pip install 'jupyter_kernel_gateway>=3,<4' ipykernel``, reused after);
 - a Kernel Gateway process on a loopback port, with an explicit minimal environment and its own
-  ``JUPYTER_*`` and ``IPYTHONDIR`` folders, "as shipped" or "with nodelay";
+  ``JUPYTER_*`` and ``IPYTHONDIR`` folders, "as shipped" or "with nodelay", optionally with
+  ``--KernelGatewayApp.prespawn_count=N`` (kernels it starts at start-up; a ``POST
+  /api/kernels`` still starts a new one), then with
+  ``--JupyterWebsocketPersonality.list_kernels=True`` (off as shipped: ``GET /api/kernels``
+  answers 403) so that a client can find the prespawned kernels;
 - a Jupyter client over the kernels websocket (legacy JSON protocol), shared with the
   runtime's ``/api/kernels/{id}/channels``; it always turns Nagle off on its own side.
 
@@ -14,7 +18,11 @@ websocket handler reaches through ``super().open()``. The wrapper also writes th
 ``TCP_NODELAY`` value to a file, so the bench checks the option is really set on the server's
 socket rather than trusting the patch.
 
-Not a benchmark on its own: ``python bench/bench_streaming.py`` runs it.
+It also reads what the benches need from /proc: a process tree, its CPU ticks and its memory
+(RSS, and PSS/USS from ``smaps_rollup``).
+
+Not a benchmark on its own: ``python bench/bench_streaming.py`` and ``bench/bench_compare.py``
+run it.
 """
 
 from __future__ import annotations
@@ -88,6 +96,74 @@ def process_tree(pid: int) -> set[int]:
                 children = Path(f"/proc/{p}/task/{tid}/children").read_text()
                 stack.extend(int(c) for c in children.split())
     return out
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads, live and ended), 0 for a gone process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tree_cpu_seconds(roots: list[int]) -> float:
+    """CPU seconds of every live process in the trees of ``roots``."""
+    pids: set[int] = set()
+    for root in roots:
+        pids |= process_tree(root)
+    return sum(cpu_seconds(p) for p in pids)
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """``{"rss", "pss", "uss"}`` of ``pid`` in KiB (USS: private clean + dirty), from
+    ``smaps_rollup``; zeros for a gone process."""
+    out = {"rss": 0, "pss": 0, "uss": 0}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            value = int(rest.split()[0]) if rest.strip() and key[0].isupper() else 0
+            if key == "Rss":
+                out["rss"] = value
+            elif key == "Pss":
+                out["pss"] = value
+            elif key in ("Private_Clean", "Private_Dirty"):
+                out["uss"] += value
+    return out
+
+
+def tree_memory_kib(root: int) -> dict[str, int]:
+    """:func:`memory_kib` summed over the live tree of ``root``."""
+    total = {"rss": 0, "pss": 0, "uss": 0}
+    for pid in process_tree(root):
+        for key, value in memory_kib(pid).items():
+            total[key] += value
+    return total
+
+
+def smaps_groups(pid: int) -> dict[str, int]:
+    """RSS in KiB per mapping name (``[heap]``, ``[anon]``, each file) from ``smaps``."""
+    out: dict[str, int] = {}
+    name = "[anon]"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            first, _, rest = line.partition(" ")
+            if "-" in first and not first.endswith(":"):
+                parts = rest.split()
+                name = parts[4] if len(parts) > 4 else "[anon]"
+            elif first == "Rss:":
+                out[name] = out.get(name, 0) + int(rest.split()[0])
+    return out
+
+
+def cmdline(pid: int) -> list[str]:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    return []
 
 
 def _start_time(pid: int) -> str | None:
@@ -205,9 +281,14 @@ def jupyter_env(root: Path, bin_dir: Path | str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def kernel_gateway(venv: Path, workdir: Path, nodelay: bool) -> Iterator[dict[str, Any]]:
-    """A Kernel Gateway on a free loopback port; yields ``{"port", "nodelay_mark"}``."""
-    root = workdir / ("kg-nodelay" if nodelay else "kg-shipped")
+def kernel_gateway(
+    venv: Path, workdir: Path, nodelay: bool, prespawn_count: int = 0
+) -> Iterator[dict[str, Any]]:
+    """A Kernel Gateway on a free loopback port; yields ``{"port", "nodelay_mark", "pid"}``
+    (``pid``: the gateway's server process). With ``prespawn_count`` it is ready once it
+    lists that many kernels (60 s at most)."""
+    name = "kg-nodelay" if nodelay else "kg-shipped"
+    root = workdir / (f"{name}-prespawn{prespawn_count}" if prespawn_count else name)
     env = jupyter_env(root, venv / "bin")
     mark = root / "nodelay-mark"
     env["PKR_BENCH_NODELAY_MARK"] = str(mark)
@@ -223,8 +304,28 @@ def kernel_gateway(venv: Path, workdir: Path, nodelay: bool) -> Iterator[dict[st
         "--KernelGatewayApp.port_retries=0",
         "--KernelGatewayApp.log_level=WARN",
     ]
-    with serving(argv, env, port, "/api", root / "kg.log"):
-        yield {"port": port, "nodelay_mark": mark}
+    if prespawn_count:
+        argv.append(f"--KernelGatewayApp.prespawn_count={prespawn_count}")
+        argv.append("--JupyterWebsocketPersonality.list_kernels=True")
+    with serving(argv, env, port, "/api", root / "kg.log") as proc:
+        deadline = time.monotonic() + 60
+        while prespawn_count:
+            status, kernels = http_json(port, "GET", "/api/kernels", timeout=10)
+            if status == 200 and len(kernels) >= prespawn_count:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Kernel Gateway: {prespawn_count} prespawned kernels late")
+            time.sleep(0.1)
+        yield {"port": port, "nodelay_mark": mark, "pid": proc.pid}
+
+
+def kg_kernel_pid(kg_pid: int, kernel_id: str) -> int | None:
+    """The process of a gateway kernel: the child whose ``-f`` connection file names it."""
+    needle = f"kernel-{kernel_id}.json"
+    for pid in process_tree(kg_pid) - {kg_pid}:
+        if any(arg.endswith(needle) for arg in cmdline(pid)):
+            return pid
+    return None
 
 
 def nodelay_marks(mark: Path) -> list[int]:
