@@ -8,7 +8,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from conftest import Server
+from conftest import Server, wait_for
 
 CE = "pixell-python-agent@0.1.0/code-executor"
 DA = "pixell-python-agent@0.1.0/data-analyzer"
@@ -101,13 +101,20 @@ def test_json_logs_one_line_per_request_with_what_it_was_about(server_factory) -
     answer = srv.client.invoke(CE, {"code": "secret_value = 12345", "session_id": "logs"})
     assert answer.status == 200, answer
     meta = answer.json()["metadata"]
-    lines = [json.loads(ln) for ln in srv.logs().splitlines() if ln.startswith("{")]
-    access = [
-        r
-        for r in lines
-        if r.get("logger") == "pixell_kernel_runtime.access" and r.get("method") == "POST"
-    ]
-    assert len(access) == 1, access
+
+    def records() -> list[dict[str, Any]]:
+        return [json.loads(ln) for ln in srv.logs().splitlines() if ln.startswith("{")]
+
+    def posts() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in records()
+            if r.get("logger") == "pixell_kernel_runtime.access" and r.get("method") == "POST"
+        ]
+
+    # The access line is written once the answer has gone out: poll for it.
+    assert wait_for(lambda: len(posts()) == 1, timeout=10), posts()
+    lines, access = records(), posts()
     line = access[0]
     assert line["route"] == "/runtime/agents/{id}/invoke" and line["status"] == 200, line
     assert line["agent_id"] == CE and line["session_id"] == "logs", line

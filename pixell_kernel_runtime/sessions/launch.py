@@ -50,6 +50,7 @@ async def start_kernel(
     caps: OutputCaps,
     *,
     reason: str,
+    session: str | None = None,
 ) -> SessionKernel:
     """A started, bootstrapped kernel in ``sbx``; KernelStartError when it would not start
     (its launch is swept)."""
@@ -74,10 +75,10 @@ async def start_kernel(
     metrics.KERNEL_START_SECONDS.observe(seconds)
     log.info(
         "%s kernel started in %.2fs (pid %s)",
-        package.id,
+        session or f"a warm {package.id}",
         seconds,
         kernel.pid,
-        extra={"event_type": "kernel_started", "reason": reason},
+        extra={"event_type": "kernel_started", "reason": reason, "session": session},
     )
     return kernel
 

@@ -317,6 +317,7 @@ class SessionManager(SessionOperations):
                 self.spec_manager,
                 self.caps,
                 reason="restart" if session.generation else "new",
+                session=session.key,
             )
         except KernelStartError as exc:
             if session.closed:  # its directory was removed under the starting kernel
