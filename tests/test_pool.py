@@ -3,6 +3,8 @@ MAX_SESSIONS and the memory budget evict the least recently used idle session or
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -87,9 +89,23 @@ def test_warm_kernels_can_preload_heavy_imports_without_touching_the_namespace(
 
 def test_past_max_sessions_the_lru_idle_session_goes_or_a_503_says_when(server_factory) -> None:
     lru = server_factory(["--examples"], env={"MAX_SESSIONS": "2"})
-    for sid in ("s1", "s2"):
-        assert _run(lru, "1", sid)["status"] == "success"
-    assert _run(lru, "2", "s1")["status"] == "success"  # s2 is now the least recently used
+
+    def call(code: str, sid: str) -> None:
+        # Activity counts from the kernel's status broadcasts too: wait until the watcher has
+        # seen this call's busy and idle, so that the order of activity is the calls' order.
+        before = time.time()
+        assert _run(lru, code, sid)["status"] == "success"
+
+        def seen() -> bool:
+            got = _session(lru, sid)
+            at = datetime.fromisoformat(got["last_activity"].replace("Z", "+00:00")).timestamp()
+            return got["kernel_execution_state"] == "idle" and at >= before - 0.001
+
+        assert wait_for(seen, timeout=10), _session(lru, sid)
+
+    call("1", "s1")
+    call("1", "s2")
+    call("2", "s1")  # s2 is now the least recently used
     assert _run(lru, "3", "s3")["status"] == "success"
     ids = {s["session_id"] for s in lru.client.get("/runtime/sessions").json()["sessions"]}
     assert ids == {"s1", "s3"}, ids

@@ -201,6 +201,8 @@ def test_another_tenants_execution_is_404_like_a_missing_one(env: Env) -> None:
     # Reading needs the invoke scope: a sessions-only principal is refused.
     viewer = env.call("viewer", "GET", f"/runtime/executions/{execution_id}")
     assert viewer.status == 403, viewer
+    # The module's sessions as they were.
+    assert env.call("alice", "DELETE", f"/runtime/sessions/{key('ex')}").status == 200
 
 
 def test_invoking_the_same_session_id_reaches_ones_own_kernel(env: Env) -> None:
