@@ -45,6 +45,15 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, default=str)
 
 
+def json_text(doc: Any) -> str:
+    """``dumps``, for a stream event: one holding NaN or Infinity (a kernel's output) is not
+    JSON, so the event says so instead of failing the stream."""
+    try:
+        return dumps(doc)
+    except ValueError:
+        return json.dumps({"unserialisable": True, "detail": "the event held NaN or Infinity"})
+
+
 # Bounds of a JSON request body (the byte size is the server's MAX_BODY_BYTES). Deeper nesting
 # raised RecursionError (a 500) and reached the kernel's json.loads too; the value count bounds
 # the parse and what a handler's input costs to re-encode for the kernel.

@@ -8,13 +8,13 @@ stream: the execution runs on.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import tornado.iostream
 import tornado.web
 
 from pixell_kernel_runtime import metrics
+from pixell_kernel_runtime.api.base import json_text
 from pixell_kernel_runtime.errors import ValidationFailed
 from pixell_kernel_runtime.execution.record import Event, Execution
 
@@ -38,20 +38,13 @@ def last_event_id(handler: tornado.web.RequestHandler) -> int:
     return int(raw)
 
 
-def _data(event: Event) -> str:
-    try:
-        return json.dumps(event.data, ensure_ascii=False, allow_nan=False, default=str)
-    except ValueError:  # a NaN in a kernel's output: not JSON, so say so instead
-        return json.dumps({"unserialisable": True, "detail": "the event held NaN or Infinity"})
-
-
 def frame(event: Event) -> str:
     """One event in the text/event-stream format (a comment line for a keepalive)."""
     if event.kind == "keepalive":
         return ": keepalive\n\n"
     # A gap has no seq of its own: its id is the last one it skips, so a resume goes past it.
     ident = event.seq or int(event.data.get("to", 0))
-    return f"id: {ident}\nevent: {event.kind}\ndata: {_data(event)}\n\n"
+    return f"id: {ident}\nevent: {event.kind}\ndata: {json_text(event.data)}\n\n"
 
 
 def wants_stream(handler: tornado.web.RequestHandler, default: bool) -> bool:

@@ -17,8 +17,8 @@ import tornado.websocket
 from pixell_kernel_runtime import metrics
 from pixell_kernel_runtime.api import invoke_request
 from pixell_kernel_runtime.api.agents import callable_agent
-from pixell_kernel_runtime.api.base import parse_json
-from pixell_kernel_runtime.api.ws import WebSocketBase, json_text
+from pixell_kernel_runtime.api.base import json_text, parse_json
+from pixell_kernel_runtime.api.ws import WebSocketBase
 from pixell_kernel_runtime.errors import RuntimeAPIError, ValidationFailed
 from pixell_kernel_runtime.execution.record import Execution
 

@@ -25,13 +25,6 @@ from pixell_kernel_runtime.errors import RuntimeAPIError
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
-def json_text(doc: Any) -> str:
-    try:
-        return json.dumps(doc, ensure_ascii=False, allow_nan=False, default=str)
-    except ValueError:  # a NaN in a kernel's output: not JSON, so say so instead
-        return json.dumps({"unserialisable": True, "detail": "the message held NaN or Infinity"})
-
-
 class WebSocketBase(Authorised, tornado.websocket.WebSocketHandler):
     query_token = True
 
@@ -94,13 +87,6 @@ class WebSocketBase(Authorised, tornado.websocket.WebSocketHandler):
         if isinstance(value, RuntimeAPIError):
             return
         super().log_exception(typ, value, tb)
-
-    def send_json(self, doc: Any) -> None:
-        """Send one JSON text message; a closed connection drops it (the reader left)."""
-        try:
-            self.write_message(json_text(doc))
-        except tornado.websocket.WebSocketClosedError:
-            pass
 
     def on_finish(self) -> None:
         if self.application.settings.get("metrics_enabled", True):

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
 INTERRUPT_GRACE = 1.5
+# How often the interrupt is sent again during the grace.
+INTERRUPT_REPEAT = 0.25
 # How often an idle kernel's process is polled (a waitpid that does not block).
 DEATH_POLL_SECONDS = 1.0
 # A status broadcast is ~30 bytes of content; the watcher reads nothing bigger.
@@ -334,14 +336,23 @@ class SessionKernel:
         if outcome not in ("deadline", "stopped") or not restart_on_deadline:
             return run, outcome
         why = "timeout" if outcome == "deadline" else "cancelled"
-        # Deadline: ask politely, then restart (losing state) if the cell ignores it.
-        try:
-            await self.km.interrupt_kernel()
-        except Exception:  # noqa: BLE001 - a failed interrupt just means we restart
-            log.warning("interrupt failed", exc_info=True)
-        outcome = await runner.gather(
-            self.kc, run, deadline=time.monotonic() + INTERRUPT_GRACE, is_alive=self.is_alive
-        )
+        # Deadline: ask politely, then restart (losing state) if the cell ignores it. An
+        # interrupt that lands before the kernel has started the cell (a cancel right after the
+        # call's turn came) is dropped by ipykernel: it is sent again through the grace.
+        grace = time.monotonic() + INTERRUPT_GRACE
+        while True:
+            try:
+                await self.km.interrupt_kernel()
+            except Exception:  # noqa: BLE001 - a failed interrupt just means we restart
+                log.warning("interrupt failed", exc_info=True)
+            outcome = await runner.gather(
+                self.kc,
+                run,
+                deadline=min(grace, time.monotonic() + INTERRUPT_REPEAT),
+                is_alive=self.is_alive,
+            )
+            if outcome != "deadline" or time.monotonic() >= grace:
+                break
         if outcome == "done":
             return run, why
         if outcome == "dead":
