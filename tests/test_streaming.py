@@ -195,10 +195,12 @@ def test_cancel_interrupts_a_running_call_and_takes_a_queued_one_out(server_fact
     srv = server_factory(["--examples"])
     c = srv.client
     assert c.invoke(CE, {"code": "kept = 1", "session_id": "c"}).status == 200
-    stream = stream_invoke(srv, CE, {"code": "import time\ntime.sleep(60)", "session_id": "c"})
+    code = "import time\nprint('sleeping', flush=True)\ntime.sleep(60)"
+    stream = stream_invoke(srv, CE, {"code": code, "session_id": "c"})
     running_id = stream.headers["x-execution-id"]
-    while (event := stream.next()) is not None and event["data"].get("state") != "running":
+    while (event := stream.next()) is not None and event["event"] != "stdout":
         pass
+    assert event is not None, stream.events
     queued = stream_invoke(srv, CE, {"code": "ran = True", "session_id": "c"})
     first = queued.next()
     assert first is not None and first["data"]["state"] == "queued", first
@@ -227,11 +229,16 @@ def test_cancel_interrupts_a_running_call_and_takes_a_queued_one_out(server_fact
 
 def test_cancel_restarts_a_cell_that_ignores_the_interrupt(server_factory) -> None:
     srv = server_factory(["--examples"])
-    code = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
+    code = (
+        "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "print('ignoring', flush=True)\ntime.sleep(60)"
+    )
     stream = stream_invoke(srv, CE, {"code": code, "session_id": "x"})
     execution_id = stream.headers["x-execution-id"]
-    while (event := stream.next()) is not None and event["data"].get("state") != "running":
+    # Cancel once the cell ignores SIGINT (earlier, the interrupt would still stop it).
+    while (event := stream.next()) is not None and event["event"] != "stdout":
         pass
+    assert event is not None and event["data"]["text"] == "ignoring\n", event
     assert srv.client.post_json(f"/runtime/executions/{execution_id}/cancel", {}).status == 202
     done = stream.rest()[-1]["data"]
     assert done["state"] == "cancelled" and done["output"]["state_lost"] is True, done
