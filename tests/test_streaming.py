@@ -333,7 +333,14 @@ async def _ws(srv: Server, agent: str, first: dict[str, Any]) -> list[dict[str, 
     got = []
     while (msg := await asyncio.wait_for(conn.read_message(), 60)) is not None:
         got.append(json.loads(msg))
-    assert conn.close_code == 1000 or got[-1]["event"] == "error", conn.close_code
+    # A stream closes normally after `done`; a refusal with 1008 (4xx) or 1011 (5xx).
+    last = got[-1]
+    if last["event"] == "error":
+        expected = 1008 if last["data"]["status"] < 500 else 1011
+    else:
+        assert last["event"] == "done", last
+        expected = 1000
+    assert conn.close_code == expected, (conn.close_code, last)
     return got
 
 
