@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pixell_kernel_runtime.agents import Agent
 from pixell_kernel_runtime.api import invoke_request, sse
 from pixell_kernel_runtime.api.base import BaseHandler, Field
@@ -17,6 +19,26 @@ def callable_agent(runtime, agent_id: str, principal) -> Agent:  # type: ignore[
     if agent.private:
         raise NotFound(f"Agent not found: {agent_id}", code="agent_not_found")
     return agent
+
+
+async def start_invoke(handler, agent: Agent, body: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """An invoke body (its shapes checked) validated and started as an execution: what the
+    HTTP invoke and the websocket stream share. Returns the execution and the request."""
+    request = invoke_request.parse(
+        agent.export.kind,
+        body.get("input") or {},
+        body.get("context") or {},
+        handler.runtime.settings,
+    )
+    assert handler.principal is not None
+    execution = await handler.runtime.executor.start(
+        agent,
+        request,
+        trace_id=body.get("trace_id") or handler.request_id,
+        tenant=handler.tenant(),
+        subject=handler.principal.subject,
+    )
+    return execution, request
 
 
 def streams_by_default(agent: Agent) -> bool:
@@ -51,20 +73,7 @@ class InvokeHandler(BaseHandler):
         body = self.json_body(
             {"input": Field(dict), "context": Field(dict), "trace_id": Field(str)}
         )
-        request = invoke_request.parse(
-            agent.export.kind,
-            body.get("input") or {},
-            body.get("context") or {},
-            self.runtime.settings,
-        )
-        assert self.principal is not None
-        execution = await self.runtime.executor.start(
-            agent,
-            request,
-            trace_id=body.get("trace_id") or self.request_id,
-            tenant=self.tenant(),
-            subject=self.principal.subject,
-        )
+        execution, request = await start_invoke(self, agent, body)
         self.set_header("X-Execution-Id", execution.id)
         self.log_fields = {
             "agent_id": agent.id,

@@ -15,8 +15,7 @@ import tornado.iostream
 import tornado.websocket
 
 from pixell_kernel_runtime import metrics
-from pixell_kernel_runtime.api import invoke_request
-from pixell_kernel_runtime.api.agents import callable_agent
+from pixell_kernel_runtime.api.agents import callable_agent, start_invoke
 from pixell_kernel_runtime.api.base import json_text, parse_json
 from pixell_kernel_runtime.api.ws import WebSocketBase
 from pixell_kernel_runtime.errors import RuntimeAPIError, ValidationFailed
@@ -88,20 +87,7 @@ class StreamSocket(WebSocketBase):
         for name, kind in (("input", dict), ("context", dict), ("trace_id", str)):
             if body.get(name) is not None and not isinstance(body[name], kind):
                 raise _invalid(f"{name} must be {'an object' if kind is dict else 'a string'}")
-        request = invoke_request.parse(
-            agent.export.kind,
-            body.get("input") or {},
-            body.get("context") or {},
-            self.runtime.settings,
-        )
-        assert self.principal is not None
-        execution = await self.runtime.executor.start(
-            agent,
-            request,
-            trace_id=body.get("trace_id") or self.request_id,
-            tenant=self.tenant(),
-            subject=self.principal.subject,
-        )
+        execution, _ = await start_invoke(self, agent, body)
         return execution, 0
 
     def on_close(self) -> None:
