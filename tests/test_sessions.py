@@ -493,6 +493,21 @@ def test_interrupted_sleep_keeps_state(client: Client) -> None:
     assert ok(client, "keep", sid) == "yes"
 
 
+def test_a_started_cell_is_interrupted_once(client: Client) -> None:
+    """A second SIGINT while the kernel is still handling the first (on a loaded host: its
+    traceback) loses the reply and the kernel's state; one deadline sends exactly one."""
+    sid = "once"
+    ok(client, "import time\ntaken = 0", sid)
+    cell = (
+        "try:\n    while True:\n        pass\nexcept KeyboardInterrupt:\n    taken += 1\n"
+        "    try:\n        time.sleep(1)\n    except KeyboardInterrupt:\n        taken += 1\n"
+    )
+    out = run(client, cell, sid, timeout_seconds=1)
+    assert out["status"] == "error" and out["error"] == "timeout", out
+    assert out["state_lost"] is False, out
+    assert ok(client, "taken", sid) == 1
+
+
 def test_cell_that_ignores_interrupts_restarts_the_kernel(client: Client) -> None:
     sid = "c-level"
     ok(client, "lost = 1", sid)

@@ -144,6 +144,9 @@ class CellRun:
     error: dict[str, Any] | None = None
     user_expressions: dict[str, Any] = field(default_factory=dict)
     idle: bool = False
+    # The kernel is inside the cell's handler (SIGINT raises there): it published something
+    # for the cell after ``busy``.
+    started: bool = False
     truncated: bool = False
     # Told each piece of output as it is kept (after the caps): an execution record's emit.
     listener: Callable[[str, dict[str, Any]], Any] | None = None
@@ -282,6 +285,8 @@ class CellRun:
         content = msg.get("content")
         content = content if isinstance(content, dict) else {}
         size, values = _measure(msg)
+        if kind != "status":
+            self.started = True
         if "dropped" in msg:
             self._drop(msg, size)
             if kind in ("display_data", "update_display_data", "execute_result"):

@@ -336,11 +336,15 @@ class SessionKernel:
         if outcome not in ("deadline", "stopped") or not restart_on_deadline:
             return run, outcome
         why = "timeout" if outcome == "deadline" else "cancelled"
-        # Deadline: ask politely, then restart (losing state) if the cell ignores it. An
-        # interrupt that lands before the kernel has started the cell (a cancel right after the
-        # call's turn came) is dropped by ipykernel: it is sent again through the grace.
+        # Deadline: ask politely, then restart (losing state) if the cell ignores it. ipykernel
+        # ignores SIGINT outside a handler, so an interrupt sent before the kernel started the
+        # cell (a cancel right after the call's turn came) is lost: it is sent again. One sent
+        # once the cell had started is never repeated: a second SIGINT while the kernel formats
+        # the first one's traceback loses the execute_reply, and the call would look stuck.
         grace = time.monotonic() + INTERRUPT_GRACE
-        while True:
+        outcome = "deadline"
+        while outcome == "deadline" and time.monotonic() < grace:
+            sent_while_started = run.started
             try:
                 await self.km.interrupt_kernel()
             except Exception:  # noqa: BLE001 - a failed interrupt just means we restart
@@ -348,11 +352,11 @@ class SessionKernel:
             outcome = await runner.gather(
                 self.kc,
                 run,
-                deadline=min(grace, time.monotonic() + INTERRUPT_REPEAT),
+                deadline=grace
+                if sent_while_started
+                else min(grace, time.monotonic() + INTERRUPT_REPEAT),
                 is_alive=self.is_alive,
             )
-            if outcome != "deadline" or time.monotonic() >= grace:
-                break
         if outcome == "done":
             return run, why
         if outcome == "dead":
