@@ -144,8 +144,8 @@ class CellRun:
     error: dict[str, Any] | None = None
     user_expressions: dict[str, Any] = field(default_factory=dict)
     idle: bool = False
-    # The kernel is inside the cell's handler (SIGINT raises there): it published something
-    # for the cell after ``busy``.
+    # The kernel is inside the cell's handler, where SIGINT raises: it published something for
+    # the cell other than its status (execute_input comes first).
     started: bool = False
     truncated: bool = False
     # Told each piece of output as it is kept (after the caps): an execution record's emit.
@@ -162,6 +162,11 @@ class CellRun:
     @property
     def complete(self) -> bool:
         return self.idle and self.status is not None
+
+    @property
+    def reacted(self) -> bool:
+        """The kernel answered an interrupt: an error, the reply or idle."""
+        return self.error is not None or self.status is not None or self.idle
 
     @property
     def output_bytes(self) -> int:
@@ -281,6 +286,10 @@ class CellRun:
         parent = msg.get("parent_header")
         if not isinstance(parent, dict) or parent.get("msg_id") != self.msg_id:
             return
+        # The kernel manager's Session is a clone of the client's with its own counter, so its
+        # interrupt_request can carry this execute's msg_id: its busy/idle are not the cell's.
+        if parent.get("msg_type", "execute_request") != "execute_request":
+            return
         kind = msg.get("msg_type") or (msg.get("header") or {}).get("msg_type")
         content = msg.get("content")
         content = content if isinstance(content, dict) else {}
@@ -346,6 +355,18 @@ class CellRun:
         self.user_expressions = _expressions(content.get("user_expressions"))
         if self.status == "error" and self.error is None:
             self.error = self._error_from(content)
+
+    def interrupted_unanswered(self) -> None:
+        """The kernel went idle without a reply: an interrupt landed in ipykernel's or IPython's
+        own code around the cell (it catches the KeyboardInterrupt and sends nothing). The
+        kernel and its state are fine; the cell counts as interrupted."""
+        self.status = "error"
+        if self.error is None:
+            self.error = {
+                "ename": "KeyboardInterrupt",
+                "evalue": "interrupted outside the cell's code: the kernel sent no reply",
+                "traceback": "",
+            }
 
 
 def send(

@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
 INTERRUPT_GRACE = 1.5
-# How often the interrupt is sent again during the grace.
+# How often the interrupt is sent again during the grace to a silent cell (no execute_input).
 INTERRUPT_REPEAT = 0.25
+# How long a reply may trail the cell's idle status (they come on two sockets).
+REPLY_AFTER_IDLE = 0.5
 # How often an idle kernel's process is polled (a waitpid that does not block).
 DEATH_POLL_SECONDS = 1.0
 # A status broadcast is ~30 bytes of content; the watcher reads nothing bigger.
@@ -336,15 +338,24 @@ class SessionKernel:
         if outcome not in ("deadline", "stopped") or not restart_on_deadline:
             return run, outcome
         why = "timeout" if outcome == "deadline" else "cancelled"
-        # Deadline: ask politely, then restart (losing state) if the cell ignores it. ipykernel
-        # ignores SIGINT outside a handler, so an interrupt sent before the kernel started the
-        # cell (a cancel right after the call's turn came) is lost: it is sent again. One sent
-        # once the cell had started is never repeated: a second SIGINT while the kernel formats
-        # the first one's traceback loses the execute_reply, and the call would look stuck.
+        # Deadline: ask politely, then restart (losing state) if the cell ignores it.
+        # - ipykernel ignores SIGINT outside a message handler: the interrupt waits for the
+        #   cell's execute_input (published inside the handler), so a cancel that comes right
+        #   after the call's turn is not dropped.
+        # - Even then ipykernel loses an early interrupt now and then (seen with a bare
+        #   ipykernel 7.4: about 1 in 10 sent at once); one the kernel shows no sign of
+        #   (no error, reply or idle) is sent again.
+        # - A second SIGINT while the kernel formats the first one's traceback escapes IPython:
+        #   ipykernel swallows it and goes idle without a reply. Idle without a reply is then
+        #   an interrupted cell, not a stuck kernel.
         grace = time.monotonic() + INTERRUPT_GRACE
         outcome = "deadline"
+        if not silent and not run.started:
+            outcome = await runner.gather(
+                self.kc, run, deadline=grace, is_alive=self.is_alive, stop=lambda: run.started
+            )
+            outcome = "deadline" if outcome == "stopped" else outcome
         while outcome == "deadline" and time.monotonic() < grace:
-            sent_while_started = run.started
             try:
                 await self.km.interrupt_kernel()
             except Exception:  # noqa: BLE001 - a failed interrupt just means we restart
@@ -352,11 +363,22 @@ class SessionKernel:
             outcome = await runner.gather(
                 self.kc,
                 run,
-                deadline=grace
-                if sent_while_started
-                else min(grace, time.monotonic() + INTERRUPT_REPEAT),
+                deadline=min(grace, time.monotonic() + INTERRUPT_REPEAT),
                 is_alive=self.is_alive,
+                stop=lambda: run.reacted,
             )
+            if outcome == "stopped" and not run.idle:
+                outcome = await runner.gather(
+                    self.kc, run, deadline=grace, is_alive=self.is_alive, stop=lambda: run.idle
+                )
+        if outcome == "stopped":
+            # Idle for this cell: its reply, if there is one, was sent before.
+            outcome = await runner.gather(
+                self.kc, run, deadline=time.monotonic() + REPLY_AFTER_IDLE, is_alive=self.is_alive
+            )
+            if outcome == "deadline":
+                run.interrupted_unanswered()
+                outcome = "done"
         if outcome == "done":
             return run, why
         if outcome == "dead":
