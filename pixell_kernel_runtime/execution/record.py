@@ -255,7 +255,8 @@ class ExecutionStore:
     """Live executions, and finished ones for ``keep_seconds`` (at most ``keep_count``)."""
 
     # Ids of executions that aged out, so that they answer "expired" rather than "not found".
-    EXPIRED_IDS = 100_000
+    # About 200 bytes each.
+    EXPIRED_IDS = 10_000
 
     def __init__(
         self, keep_seconds: float = 3600.0, keep_count: int = 1000, limits: LogLimits | None = None
@@ -264,7 +265,11 @@ class ExecutionStore:
         self.keep_count = keep_count
         self.limits = limits or LogLimits()
         self._all: OrderedDict[str, Execution] = OrderedDict()
+        # The finished ones in the order they finished: the oldest is first, so pruning looks
+        # only at what it removes (it runs on every create and lookup).
+        self._finished: OrderedDict[str, Execution] = OrderedDict()
         self.hooks = Hooks()
+        self.hooks.finished.append(self._note_finished)
         self._expired: OrderedDict[str, None] = OrderedDict()
 
     def create(
@@ -319,15 +324,19 @@ class ExecutionStore:
             e for e in self._all.values() if e.tenant == tenant and e.session_key == session_key
         ]
 
+    def _note_finished(self, execution: Execution) -> None:
+        if execution.id in self._all:
+            self._finished[execution.id] = execution
+
     def prune(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        finished = [e for e in self._all.values() if e.done]
-        over = len(finished) - self.keep_count
-        for e in finished:
-            assert e.ended is not None
-            if over > 0 or now - e.ended > self.keep_seconds:
-                over -= 1
-                self._expire(e.id)
+        while self._finished:
+            oldest = next(iter(self._finished.values()))
+            assert oldest.ended is not None
+            if len(self._finished) <= self.keep_count and now - oldest.ended <= self.keep_seconds:
+                break
+            del self._finished[oldest.id]
+            self._expire(oldest.id)
 
     def _expire(self, execution_id: str) -> None:
         self._all.pop(execution_id, None)

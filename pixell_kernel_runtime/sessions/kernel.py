@@ -56,6 +56,10 @@ STATUS_PAUSE_SECONDS = 0.05
 # lost, not buffered), past RCVHWM the kernel's side drops. At worst 16 x 16 MiB per socket.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 RECEIVE_QUEUE_MESSAGES = 16
+# Signatures a kernel's Session remembers against replayed messages. jupyter_client's 65536
+# grow by ~150 bytes a message to ~10 MiB for each busy session; the kernel holds the key and
+# can forge any message anyway, so only a replay of a recent one is worth refusing.
+DIGEST_HISTORY = 256
 
 
 @cache
@@ -152,6 +156,36 @@ class SessionKernelManager(AsyncKernelManager):  # type: ignore[misc]
     sandbox: Any = None
     sandbox_session: Any = None
 
+    # interrupt_requests sent on the control socket whose interrupt_reply has not been read.
+    unanswered_interrupts: int = 0
+
+    async def interrupt_kernel(self) -> None:
+        await super().interrupt_kernel()
+        if self.kernel_spec is not None and self.kernel_spec.interrupt_mode == "message":
+            self.unanswered_interrupts += 1
+
+    async def settle_interrupts(self, timeout: float) -> bool:
+        """Read the replies of the interrupts sent so far (False if they did not all come
+        within ``timeout``). A reply means the kernel has signalled itself: no interrupt
+        still on its way can hit a later cell. jupyter_client never reads them, and unread
+        they pile up in libzmq (some 13 KiB an interrupt). Only counted, never parsed."""
+        deadline = time.monotonic() + timeout
+        sock = self._control_socket
+        while self.unanswered_interrupts > 0:
+            left = deadline - time.monotonic()
+            if sock is None or left <= 0 or not await sock.poll(int(left * 1000)):
+                # Not waited for again by every later call; a late reply counts for a newer
+                # interrupt.
+                self.unanswered_interrupts = 0
+                return False
+            await sock.recv_multipart(copy=False)
+            self.unanswered_interrupts -= 1
+        return True
+
+    def forget_interrupts(self) -> None:
+        """A restart closes the control socket, and the replies with it."""
+        self.unanswered_interrupts = 0
+
 
 class SessionKernel:
     """A kernel manager and its client, owned by one session."""
@@ -178,6 +212,8 @@ class SessionKernel:
             # Measures, caps and parses kernel messages off the event loop (hostile data).
             client_class="pixell_kernel_runtime.execution.wire.BoundedKernelClient",
         )
+        # The client's Session (a clone) inherits this.
+        self.km.session.digest_history_size = DIGEST_HISTORY
         self.km.sandbox = sandbox
         self.km.sandbox_session = sandbox_session
         self.kc: AsyncKernelClient | None = None
@@ -323,6 +359,8 @@ class SessionKernel:
 
         Raises KernelStartError when the restart after a deadline cannot start a kernel."""
         assert self.kc is not None
+        # An interrupt still on its way (a REST interrupt, a repeated one) must not hit this cell.
+        await self.km.settle_interrupts(INTERRUPT_GRACE)
         await runner.drain(self.kc)
         run = runner.send(
             self.kc,
@@ -344,7 +382,10 @@ class SessionKernel:
         #   after the call's turn is not dropped.
         # - Even then ipykernel loses an early interrupt now and then (seen with a bare
         #   ipykernel 7.4: about 1 in 10 sent at once); one the kernel shows no sign of
-        #   (no error, reply or idle) is sent again.
+        #   (no error, reply or idle) within INTERRUPT_REPEAT of its interrupt_reply (the
+        #   kernel has signalled itself by then) is sent again.
+        # - Every interrupt_reply is read before the call ends, so that a repeated interrupt
+        #   cannot land in the session's next cell.
         # - A second SIGINT while the kernel formats the first one's traceback escapes IPython:
         #   ipykernel swallows it and goes idle without a reply. Idle without a reply is then
         #   an interrupted cell, not a stuck kernel.
@@ -360,6 +401,7 @@ class SessionKernel:
                 await self.km.interrupt_kernel()
             except Exception:  # noqa: BLE001 - a failed interrupt just means we restart
                 log.warning("interrupt failed", exc_info=True)
+            await self.km.settle_interrupts(grace - time.monotonic())
             outcome = await runner.gather(
                 self.kc,
                 run,
@@ -380,6 +422,7 @@ class SessionKernel:
                 run.interrupted_unanswered()
                 outcome = "done"
         if outcome == "done":
+            await self.km.settle_interrupts(INTERRUPT_GRACE)
             return run, why
         if outcome == "dead":
             return run, "dead"
@@ -400,6 +443,7 @@ class SessionKernel:
         self.exit = None
         self.died = False
         self.execution_state = None
+        self.km.forget_interrupts()
         try:
             await self.km.restart_kernel(now=True)
             await self._connect()
