@@ -29,7 +29,7 @@ from pixell_kernel_runtime.sandbox import seccomp as sbseccomp
 from pixell_kernel_runtime.sandbox.core import SandboxSession
 from pixell_kernel_runtime.sandbox.environment import kernel_environment
 from pixell_kernel_runtime.sandbox.kernelspec import KERNEL_NAME, RuntimeKernelSpecManager
-from pixell_kernel_runtime.sessions.kernel import SessionKernelManager
+from pixell_kernel_runtime.sessions.kernel_manager import SessionKernelManager
 
 REPO = Path(__file__).resolve().parent.parent
 

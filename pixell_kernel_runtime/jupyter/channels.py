@@ -33,7 +33,7 @@ from pixell_kernel_runtime.errors import RuntimeAPIError
 from pixell_kernel_runtime.execution import wire
 from pixell_kernel_runtime.jupyter import models, protocol
 from pixell_kernel_runtime.jupyter.cells import CellQueue
-from pixell_kernel_runtime.sessions.kernel import bounded_context
+from pixell_kernel_runtime.sessions.kernel_manager import bounded_context
 from pixell_kernel_runtime.sessions.session import Session
 
 log = logging.getLogger(__name__)

@@ -13,178 +13,47 @@ a console counts as activity.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
-from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
-from jupyter_client.manager import AsyncKernelManager
 
 from pixell_kernel_runtime.execution import runner
 from pixell_kernel_runtime.execution.bootstrap import bootstrap_code
 from pixell_kernel_runtime.sandbox import layout
 from pixell_kernel_runtime.sandbox.kernelspec import KERNEL_NAME, RuntimeKernelSpecManager
+from pixell_kernel_runtime.sessions.kernel_manager import (
+    DIGEST_HISTORY,
+    RECEIVE_QUEUE_MESSAGES,
+    DeathWatch,
+    Exit,
+    SessionKernelManager,
+    bounded_context,
+    execution_state,
+    exit_from_returncode,
+)
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
 INTERRUPT_GRACE = 1.5
-# How often the interrupt is sent again during the grace to a silent cell (no execute_input).
-INTERRUPT_REPEAT = 0.25
+# How long after its interrupt_reply an interrupt may go without a sign from the cell before
+# it is sent again.
+INTERRUPT_REPEAT = 0.5
 # How long a reply may trail the cell's idle status (they come on two sockets).
 REPLY_AFTER_IDLE = 0.5
 # How often an idle kernel's process is polled (a waitpid that does not block).
 DEATH_POLL_SECONDS = 1.0
-# A status broadcast is ~30 bytes of content; the watcher reads nothing bigger.
-STATUS_CONTENT_BYTES = 256
 STATUS_MESSAGE_BYTES = 64 * 1024
 STATUS_PAUSE_SECONDS = 0.05
 
 
-# What one kernel can make the server hold: libzmq queues whole messages on the receiving
-# side, by default 1000 of any size, so a cell printing 10 MB chunks in a loop grew the server
-# by gigabytes. Ordinary programs are capped in the kernel (kernel_side's output budget); code
-# that bypasses that meets these: past MAXMSGSIZE a connection is dropped (the message is
-# lost, not buffered), past RCVHWM the kernel's side drops. At worst 16 x 16 MiB per socket.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-RECEIVE_QUEUE_MESSAGES = 16
-# Signatures a kernel's Session remembers against replayed messages. jupyter_client's 65536
-# grow by ~150 bytes a message to ~10 MiB for each busy session; the kernel holds the key and
-# can forge any message anyway, so only a replay of a recent one is worth refusing.
-DIGEST_HISTORY = 256
-
-
-@cache
-def bounded_context() -> zmq.asyncio.Context:
-    ctx = zmq.asyncio.Context()
-    ctx.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-    ctx.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE_MESSAGES)
-    return ctx
-
-
 class KernelStartError(Exception):
     pass
-
-
-@dataclass
-class Exit:
-    """How a kernel process ended."""
-
-    code: int | None
-    signal: int | None
-
-    def describe(self) -> str:
-        if self.signal is not None:
-            try:
-                name = signal.Signals(self.signal).name
-            except ValueError:
-                name = f"signal {self.signal}"
-            hint = (
-                " (out of memory, or killed from outside)" if self.signal == signal.SIGKILL else ""
-            )
-            if self.signal == signal.SIGXCPU:
-                hint = " (CPU time limit)"
-            return f"the kernel was killed by {name}{hint}"
-        if self.code is not None:
-            return f"the kernel exited with code {self.code}"
-        return "the kernel died"
-
-    def to_json(self) -> dict[str, Any]:
-        name = None
-        if self.signal is not None:
-            try:
-                name = signal.Signals(self.signal).name
-            except ValueError:
-                name = None
-        return {"exit_code": self.code, "signal": self.signal, "signal_name": name}
-
-
-def _exit_from_returncode(rc: int | None) -> Exit:
-    if rc is None:
-        return Exit(None, None)
-    if rc < 0:
-        return Exit(None, -rc)
-    # bwrap and shells report a child's death by signal as 128 + signal.
-    if rc > 128 and rc - 128 < 65:
-        return Exit(rc, rc - 128)
-    return Exit(rc, None)
-
-
-class _DeathWatch(AsyncIOLoopKernelRestarter):  # type: ignore[misc]
-    """jupyter_client's restarter with autorestart off: on death it only says so, once."""
-
-    async def poll(self) -> None:  # type: ignore[override]
-        km = self.kernel_manager
-        if km.shutting_down or await km.is_alive():
-            return
-        self.stop()
-        self._fire_callbacks("dead")
-
-
-def execution_state(frames: list[bytes]) -> str | None:
-    """``busy``/``idle``/``starting`` from one iopub message, if it is a status broadcast.
-
-    Only the topic and a tiny content frame are read: the rest of the message (the kernel's
-    to forge) is never parsed, and a forged status only misleads the culler about its own
-    kernel."""
-    if not frames or not frames[0].endswith(b".status"):
-        return None
-    try:
-        content = frames[frames.index(b"<IDS|MSG>") + 5]
-    except (ValueError, IndexError):
-        return None
-    if len(content) > STATUS_CONTENT_BYTES:
-        return None
-    try:
-        state = json.loads(content).get("execution_state")
-    except (ValueError, AttributeError):
-        return None
-    return state if state in ("busy", "idle", "starting") else None
-
-
-class SessionKernelManager(AsyncKernelManager):  # type: ignore[misc]
-    """A kernel manager that carries its session's sandbox, for the ``SandboxProvisioner``."""
-
-    sandbox: Any = None
-    sandbox_session: Any = None
-
-    # interrupt_requests sent on the control socket whose interrupt_reply has not been read.
-    unanswered_interrupts: int = 0
-
-    async def interrupt_kernel(self) -> None:
-        await super().interrupt_kernel()
-        if self.kernel_spec is not None and self.kernel_spec.interrupt_mode == "message":
-            self.unanswered_interrupts += 1
-
-    async def settle_interrupts(self, timeout: float) -> bool:
-        """Read the replies of the interrupts sent so far (False if they did not all come
-        within ``timeout``). A reply means the kernel has signalled itself: no interrupt
-        still on its way can hit a later cell. jupyter_client never reads them, and unread
-        they pile up in libzmq (some 13 KiB an interrupt). Only counted, never parsed."""
-        deadline = time.monotonic() + timeout
-        sock = self._control_socket
-        while self.unanswered_interrupts > 0:
-            left = deadline - time.monotonic()
-            if sock is None or left <= 0 or not await sock.poll(int(left * 1000)):
-                # Not waited for again by every later call; a late reply counts for a newer
-                # interrupt.
-                self.unanswered_interrupts = 0
-                return False
-            await sock.recv_multipart(copy=False)
-            self.unanswered_interrupts -= 1
-        return True
-
-    def forget_interrupts(self) -> None:
-        """A restart closes the control socket, and the replies with it."""
-        self.unanswered_interrupts = 0
 
 
 class SessionKernel:
@@ -224,7 +93,7 @@ class SessionKernel:
         # What the kernel last broadcast on iopub, to any client, and when.
         self.execution_state: str | None = None
         self.last_activity: float | None = None
-        self._death_watch: _DeathWatch | None = None
+        self._death_watch: DeathWatch | None = None
         self._status_task: asyncio.Task[None] | None = None
 
     @property
@@ -246,7 +115,7 @@ class SessionKernel:
 
     def _watch(self) -> None:
         self._unwatch()
-        watch = _DeathWatch(kernel_manager=self.km, time_to_dead=DEATH_POLL_SECONDS)
+        watch = DeathWatch(kernel_manager=self.km, time_to_dead=DEATH_POLL_SECONDS)
         watch.add_callback(self._died, "dead")
         watch.start()
         self._death_watch = watch
@@ -340,7 +209,7 @@ class SessionKernel:
             proc = getattr(provisioner, "process", None)
             if rc is None and proc is not None:
                 rc = proc.returncode
-        return _exit_from_returncode(rc)
+        return exit_from_returncode(rc)
 
     async def execute(
         self,
