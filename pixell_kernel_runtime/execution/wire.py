@@ -29,6 +29,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from jupyter_client.adapter import adapt
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.channels import AsyncZMQSocketChannel
 from jupyter_client.session import Session
@@ -77,16 +78,38 @@ def _split(frames: list[Frame]) -> list[Frame]:
 
 def _verify(session: Session, parts: list[Frame]) -> None:
     """The signature check of ``Session.deserialize``, for a message that is not parsed."""
+    _check_signature(session, [_raw(p) for p in parts[:5]])
+
+
+def _check_signature(session: Session, head: list[bytes]) -> None:
     if session.auth is None:
         return
-    signature = _raw(parts[0])
+    signature = head[0]
     if not signature:
         raise ValueError("unsigned message")
     if signature in session.digest_history:
         raise ValueError("duplicate signature")
     session._add_digest(signature)
-    if not hmac.compare_digest(signature, session.sign(parts[1:5])):
+    if not hmac.compare_digest(signature, session.sign(head[1:5])):
         raise ValueError("invalid signature")
+
+
+def _deserialize(session: Session, head: list[bytes], rest: list[Frame]) -> dict[str, Any]:
+    """``Session.deserialize`` (the same signature, replay and shape checks) without turning
+    the headers' dates into datetimes: that took a third of its time, and nothing here reads
+    them (they stay ISO strings)."""
+    _check_signature(session, head)
+    header = session.unpack(head[1])
+    message = {
+        "header": header,
+        "msg_id": header["msg_id"],
+        "msg_type": header["msg_type"],
+        "parent_header": session.unpack(head[2]),
+        "metadata": session.unpack(head[3]),
+        "content": session.unpack(head[4]),
+        "buffers": [memoryview(_raw(b)) for b in rest],
+    }
+    return adapt(message)
 
 
 def _small_dict(session: Session, frame: Frame) -> dict[str, Any]:
@@ -147,7 +170,7 @@ def parse(session: Session, frames: list[Frame]) -> dict[str, Any]:
         if values > MESSAGE_VALUES_LIMIT:
             reason = f"up to {values} JSON values, over the {MESSAGE_VALUES_LIMIT}-value limit"
             return _dropped(session, parts, head[1], head[2], wire, values, reason)
-        msg = session.deserialize([*head, *parts[5:]], copy=True)
+        msg = _deserialize(session, head, parts[5:])
     except Exception as exc:  # noqa: BLE001 - whatever the kernel sent, the caller gets a dict
         return _stub({}, {}, wire_bytes=wire, wire_values=None, invalid=f"{exc}"[:200])
     msg["wire_bytes"] = wire
