@@ -77,11 +77,13 @@ def _split(frames: list[Frame]) -> list[Frame]:
 
 
 def _verify(session: Session, parts: list[Frame]) -> None:
-    """The signature check of ``Session.deserialize``, for a message that is not parsed."""
-    _check_signature(session, [_raw(p) for p in parts[:5]])
+    """The signature check of ``Session.deserialize``, for a message that is not parsed (its
+    big frames are signed in place, never copied)."""
+    _check_signature(session, [_raw(parts[0]), *parts[1:5]])
 
 
-def _check_signature(session: Session, head: list[bytes]) -> None:
+def _check_signature(session: Session, head: list[Any]) -> None:
+    """``head``: the signature (bytes), then the four signed parts (bytes or frames)."""
     if session.auth is None:
         return
     signature = head[0]

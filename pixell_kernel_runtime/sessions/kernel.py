@@ -27,7 +27,6 @@ from pixell_kernel_runtime.execution.bootstrap import bootstrap_code
 from pixell_kernel_runtime.sandbox import layout
 from pixell_kernel_runtime.sandbox.kernelspec import KERNEL_NAME, RuntimeKernelSpecManager
 from pixell_kernel_runtime.sessions.kernel_manager import (
-    DIGEST_HISTORY,
     RECEIVE_QUEUE_MESSAGES,
     DeathWatch,
     Exit,
@@ -81,8 +80,6 @@ class SessionKernel:
             # Measures, caps and parses kernel messages off the event loop (hostile data).
             client_class="pixell_kernel_runtime.execution.wire.BoundedKernelClient",
         )
-        # The client's Session (a clone) inherits this.
-        self.km.session.digest_history_size = DIGEST_HISTORY
         self.km.sandbox = sandbox
         self.km.sandbox_session = sandbox_session
         self.kc: AsyncKernelClient | None = None

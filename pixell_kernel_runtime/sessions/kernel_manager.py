@@ -15,6 +15,8 @@ import zmq
 import zmq.asyncio
 from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.session import Session
+from traitlets import default
 
 # A status broadcast is ~30 bytes of content; the watcher reads nothing bigger.
 STATUS_CONTENT_BYTES = 256
@@ -124,6 +126,11 @@ class SessionKernelManager(AsyncKernelManager):  # type: ignore[misc]
 
     # interrupt_requests sent on the control socket whose interrupt_reply has not been read.
     unanswered_interrupts: int = 0
+
+    @default("session")
+    def _session_default(self) -> Session:
+        # The client's Session is a clone: it inherits the bound.
+        return Session(parent=self, digest_history_size=DIGEST_HISTORY)
 
     async def interrupt_kernel(self) -> None:
         await super().interrupt_kernel()
