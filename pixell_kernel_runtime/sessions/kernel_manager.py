@@ -32,6 +32,8 @@ RECEIVE_QUEUE_MESSAGES = 16
 # grow by ~150 bytes a message to ~10 MiB for each busy session; the kernel holds the key and
 # can forge any message anyway, so only a replay of a recent one is worth refusing.
 DIGEST_HISTORY = 256
+# Replies read before an interrupt is sent (a bound: a kernel could flood its control socket).
+READY_REPLIES_READ = 1000
 
 
 @cache
@@ -133,6 +135,8 @@ class SessionKernelManager(AsyncKernelManager):  # type: ignore[misc]
         return Session(parent=self, digest_history_size=DIGEST_HISTORY)
 
     async def interrupt_kernel(self) -> None:
+        # Surfaces that never settle (a notebook's cancel) still read what has come back.
+        await self._read_ready_replies()
         await super().interrupt_kernel()
         if self.kernel_spec is not None and self.kernel_spec.interrupt_mode == "message":
             self.unanswered_interrupts += 1
@@ -154,6 +158,15 @@ class SessionKernelManager(AsyncKernelManager):  # type: ignore[misc]
             await sock.recv_multipart(copy=False)
             self.unanswered_interrupts -= 1
         return True
+
+    async def _read_ready_replies(self) -> None:
+        """Read, without waiting, the replies already there (late ones included)."""
+        sock = self._control_socket
+        for _ in range(READY_REPLIES_READ):
+            if sock is None or not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            await sock.recv_multipart(copy=False)
+            self.unanswered_interrupts = max(0, self.unanswered_interrupts - 1)
 
     def forget_interrupts(self) -> None:
         """A restart closes the control socket, and the replies with it."""
