@@ -243,6 +243,19 @@ class SessionKernel:
             return run, outcome
         why = "timeout" if outcome == "deadline" else "cancelled"
         # Deadline: ask politely, then restart (losing state) if the cell ignores it.
+        outcome = await self._interrupt_within_grace(run, silent)
+        if outcome == "done":
+            await self.km.settle_interrupts(INTERRUPT_GRACE)
+            return run, why
+        if outcome == "dead":
+            return run, "dead"
+        await self.restart()
+        return run, f"{why}_restarted"
+
+    async def _interrupt_within_grace(self, run: runner.CellRun, silent: bool) -> str:
+        """Interrupt ``run`` and keep gathering it for INTERRUPT_GRACE: ``done`` (state kept),
+        ``dead``, or ``deadline`` (it ignored the interrupt)."""
+        assert self.kc is not None
         # - ipykernel ignores SIGINT outside a message handler: the interrupt waits for the
         #   cell's execute_input (published inside the handler), so a cancel that comes right
         #   after the call's turn is not dropped.
@@ -287,13 +300,7 @@ class SessionKernel:
             if outcome == "deadline":
                 run.interrupted_unanswered()
                 outcome = "done"
-        if outcome == "done":
-            await self.km.settle_interrupts(INTERRUPT_GRACE)
-            return run, why
-        if outcome == "dead":
-            return run, "dead"
-        await self.restart()
-        return run, f"{why}_restarted"
+        return outcome
 
     async def interrupt(self) -> None:
         await self.km.interrupt_kernel()
