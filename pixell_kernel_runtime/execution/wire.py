@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from queue import Empty
 from typing import Any
@@ -46,6 +48,9 @@ INLINE_BYTES = 64 * 1024
 # A dropped message's header and parent header are read only up to this size each.
 HEADER_LIMIT = 64 * 1024
 _DELIM = b"<IDS|MSG>"
+# A status broadcast is ~30 bytes of content; :func:`broadcast_state` reads nothing bigger.
+STATUS_CONTENT_BYTES = 256
+KERNEL_STATES = ("busy", "idle", "starting")
 # How many dropped or invalid messages a channel logs before it goes quiet about them.
 _LOGGED = 5
 
@@ -53,9 +58,11 @@ _LOGGED = 5
 _PARSER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pixell-wire")
 
 Frame = zmq.Frame | bytes
+# Plain ints: pyzmq's enum members cost an enum operation on every use, on the hot path.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
-def _raw(frame: Frame) -> bytes:
+def raw(frame: Frame) -> bytes:
     return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
 
 
@@ -68,7 +75,7 @@ def _split(frames: list[Frame]) -> list[Frame]:
     """The message parts after the routing identities (jupyter_client's feed_identities,
     without copying every frame to compare it)."""
     for i, frame in enumerate(frames):
-        if len(frame) == len(_DELIM) and _raw(frame) == _DELIM:
+        if len(frame) == len(_DELIM) and raw(frame) == _DELIM:
             parts = frames[i + 1 :]
             if len(parts) < 5:
                 raise ValueError(f"malformed message: {len(parts)} parts after the delimiter")
@@ -76,10 +83,32 @@ def _split(frames: list[Frame]) -> list[Frame]:
     raise ValueError("malformed message: no delimiter")
 
 
+def broadcast_state(frames: list[Frame]) -> str | None:
+    """``busy``/``idle``/``starting`` from one unparsed iopub message, if it is a status
+    broadcast.
+
+    Only the topic and a tiny content frame are read: the rest of the message (the kernel's
+    to forge) is never parsed, nor its signature checked; a forged status only misleads the
+    culler about its own kernel."""
+    if not frames or not raw(frames[0]).endswith(b".status"):
+        return None
+    try:
+        content = _split(frames)[4]
+    except ValueError:
+        return None
+    if len(content) > STATUS_CONTENT_BYTES:
+        return None
+    try:
+        state = json.loads(raw(content)).get("execution_state")
+    except (ValueError, AttributeError):
+        return None
+    return state if state in KERNEL_STATES else None
+
+
 def _verify(session: Session, parts: list[Frame]) -> None:
     """The signature check of ``Session.deserialize``, for a message that is not parsed (its
     big frames are signed in place, never copied)."""
-    _check_signature(session, [_raw(parts[0]), *parts[1:5]])
+    _check_signature(session, [raw(parts[0]), *parts[1:5]])
 
 
 def _check_signature(session: Session, head: list[Any]) -> None:
@@ -109,7 +138,7 @@ def _deserialize(session: Session, head: list[bytes], rest: list[Frame]) -> dict
         "parent_header": session.unpack(head[2]),
         "metadata": session.unpack(head[3]),
         "content": session.unpack(head[4]),
-        "buffers": [memoryview(_raw(b)) for b in rest],
+        "buffers": [memoryview(raw(b)) for b in rest],
     }
     return adapt(message)
 
@@ -117,7 +146,7 @@ def _deserialize(session: Session, head: list[bytes], rest: list[Frame]) -> dict
 def _small_dict(session: Session, frame: Frame) -> dict[str, Any]:
     if len(frame) > HEADER_LIMIT:
         return {}
-    value = session.unpack(_raw(frame))
+    value = session.unpack(raw(frame))
     return value if isinstance(value, dict) else {}
 
 
@@ -167,7 +196,7 @@ def parse(session: Session, frames: list[Frame]) -> dict[str, Any]:
         if wire > MESSAGE_LIMIT:
             reason = f"{wire} bytes, over the {MESSAGE_LIMIT}-byte message limit"
             return _dropped(session, parts, parts[1], parts[2], wire, None, reason)
-        head = [_raw(p) for p in parts[:5]]
+        head = [raw(p) for p in parts[:5]]
         values = count_values(head[1:])
         if values > MESSAGE_VALUES_LIMIT:
             reason = f"up to {values} JSON values, over the {MESSAGE_VALUES_LIMIT}-value limit"
@@ -180,22 +209,123 @@ def parse(session: Session, frames: list[Frame]) -> dict[str, Any]:
     return msg
 
 
+class Readable:
+    """Waits until a zmq socket has a message, for a reader that takes it with the blocking
+    API and ``NOBLOCK`` (a shadow of an asyncio socket will do).
+
+    pyzmq's own ``poll`` builds a poller, three futures and their callbacks per wait, and
+    handles the file descriptor for every socket it serves; that and its ``recv`` futures
+    were a fifth of a warm call's server CPU. Here a wait is one future, one timer and the
+    event loop's reader on the socket's descriptor, registered only while someone waits.
+    The descriptor is edge-triggered (it signals libzmq's commands, not messages), so every
+    wait first asks the socket's ``EVENTS``, which is exact and clears the descriptor: after
+    that, a new message always signals it again.
+
+    The socket must not also be awaited through pyzmq's asyncio API (both would register the
+    same descriptor). ``close()`` before the socket closes; waiters then see False.
+    """
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self._sock: zmq.Socket | None = sock
+        self._fd: int = sock.FD
+        self._waiters: set[asyncio.Future[bool]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def ready(self) -> bool:
+        return self._sock is not None and bool(self._sock.get(_EVENTS) & _POLLIN)
+
+    def _wake(self) -> None:
+        if self.ready():
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(True)
+
+    async def wait(self, timeout: float | None) -> bool:
+        """True once a message can be taken, False after ``timeout`` seconds (None: no limit)
+        or when closed."""
+        return self.ready() or await self.signalled(timeout)
+
+    async def signalled(self, timeout: float | None) -> bool:
+        """:meth:`wait`, for a caller that has just seen ``ready()`` False."""
+        if self._sock is None or timeout is not None and timeout <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        if not self._waiters:
+            loop.add_reader(self._fd, self._wake)
+            self._loop = loop
+        self._waiters.add(waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiters.discard(waiter)
+            if not self._waiters:
+                self._unregister()
+
+    def _unregister(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self._fd)
+
+    def close(self) -> None:
+        self._sock = None
+        self._unregister()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(False)
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+def recv_now(sock: zmq.Socket, copy: bool = False) -> list[Any] | None:
+    """The next message if one is queued, else None (never waits): frames, or bytes with
+    ``copy``."""
+    try:
+        return sock.recv_multipart(_NOBLOCK, copy=copy)
+    except zmq.Again:
+        return None
+
+
 class BoundedChannel(AsyncZMQSocketChannel):
     """A channel whose messages are measured first and parsed by :func:`parse`."""
 
     def __init__(self, socket: zmq.asyncio.Socket, session: Session, loop: Any = None) -> None:
         super().__init__(socket, session, loop)
+        # The same libzmq socket, blocking API: a message already queued is taken without a
+        # future, and a wait is a :class:`Readable`'s.
+        self._now: zmq.Socket | None = zmq.Socket.shadow(socket.underlying)
+        self._readable = Readable(self._now)
         # A big message's parse, kept when the waiter was cancelled so it is not lost.
         self._pending: asyncio.Future[dict[str, Any]] | None = None
         self._complaints = 0
+        # Told the execution_state of every status message this channel parses.
+        self.status_listener: Callable[[str], None] | None = None
+
+    @property
+    def readable(self) -> Readable:
+        return self._readable
+
+    def _recv_now(self) -> list[Frame] | None:
+        return None if self._now is None else recv_now(self._now)
+
+    def take_unparsed(self) -> list[Frame] | None:
+        """The next queued message's frames, not parsed nor checked (None: none queued)."""
+        return self._recv_now()
 
     async def get_msg(self, timeout: float | None = None) -> dict[str, Any]:  # type: ignore[override]
-        assert self.socket is not None
         if self._pending is None:
-            timeout_ms = None if timeout is None else int(timeout * 1000)
-            if not await self.socket.poll(timeout_ms):
+            # Asked first: a recv that finds nothing raises, which costs twice as much.
+            if not self._readable.ready() and not await self._readable.signalled(timeout):
                 raise Empty
-            frames = await self.socket.recv_multipart(copy=False)
+            frames = self._recv_now()
+            if frames is None:  # closed meanwhile, or taken by another reader
+                raise Empty
             if sum(len(frame) for frame in frames) <= INLINE_BYTES:
                 return self._checked(parse(self.session, frames))
             loop = asyncio.get_running_loop()
@@ -209,9 +339,20 @@ class BoundedChannel(AsyncZMQSocketChannel):
         return self._checked(msg)
 
     async def msg_ready(self) -> bool:  # type: ignore[override]
-        return self._pending is not None or await super().msg_ready()
+        return self._pending is not None or self._readable.ready()
+
+    def close(self) -> None:
+        # The shadow must never touch the socket once libzmq has closed it.
+        self._readable.close()
+        self._now = None
+        super().close()
 
     def _checked(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.status_listener is not None and msg["msg_type"] == "status":
+            content = msg["content"]
+            state = content.get("execution_state") if isinstance(content, dict) else None
+            if state in KERNEL_STATES:
+                self.status_listener(state)
         reason = msg.get("invalid") or msg.get("dropped")
         if reason:
             self._complaints += 1

@@ -5,9 +5,9 @@ over ipc sockets in the session's server dir; the environment it gets is built o
 ``sandbox.environment``, and applied by the launcher only after every sandbox layer.
 
 Between calls two cheap watchers run: jupyter_client's restarter with autorestart off notices
-the process dying while idle, and a SUB socket on iopub reads every client's ``status``
-broadcasts (``execution_state``, as jupyter_server's ``last_activity``), so that a cell run from
-a console counts as activity.
+the process dying while idle, and a reader of the client's own iopub notes every client's
+``status`` broadcasts (``execution_state``, as jupyter_server's ``last_activity``), so that a
+cell run from a console counts as activity; during a call, the call's reads note them.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import zmq
-import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
-from pixell_kernel_runtime.execution import runner
+from pixell_kernel_runtime.execution import runner, wire
 from pixell_kernel_runtime.execution.bootstrap import bootstrap_code
 from pixell_kernel_runtime.sandbox import layout
 from pixell_kernel_runtime.sandbox.kernelspec import KERNEL_NAME, RuntimeKernelSpecManager
@@ -32,7 +30,6 @@ from pixell_kernel_runtime.sessions.kernel_manager import (
     Exit,
     SessionKernelManager,
     bounded_context,
-    execution_state,
     exit_from_returncode,
 )
 
@@ -47,7 +44,6 @@ INTERRUPT_REPEAT = 0.5
 REPLY_AFTER_IDLE = 0.5
 # How often an idle kernel's process is polled (a waitpid that does not block).
 DEATH_POLL_SECONDS = 1.0
-STATUS_MESSAGE_BYTES = 64 * 1024
 STATUS_PAUSE_SECONDS = 0.05
 
 
@@ -116,15 +112,13 @@ class SessionKernel:
         watch.add_callback(self._died, "dead")
         watch.start()
         self._death_watch = watch
-        self._status_task = asyncio.create_task(self._read_status(self.km._make_url("iopub")))
+        self._resume_reader()
 
     def _unwatch(self) -> None:
         watch, self._death_watch = self._death_watch, None
         if watch is not None:
             watch.stop()
-        task, self._status_task = self._status_task, None
-        if task is not None:
-            task.cancel()
+        self._pause_reader()
 
     def _died(self) -> None:
         if self._death_watch is None:  # stopped meanwhile: a restart or shutdown of ours
@@ -134,43 +128,45 @@ class SessionKernel:
         if self.on_death is not None:
             self.on_death(self)
 
-    async def _read_status(self, url: str) -> None:
-        sock = bounded_context().socket(zmq.SUB)
+    async def _read_between_calls(self) -> None:
+        """Note the kernel's status broadcasts (any client's: a console's cells count as
+        activity) while no call of ours reads iopub; the rest is dropped unparsed, as the
+        next call would drop it."""
+        assert self.kc is not None
+        channel = self.kc.iopub_channel
         try:
-            sock.setsockopt(zmq.MAXMSGSIZE, STATUS_MESSAGE_BYTES)
-            sock.setsockopt(zmq.LINGER, 0)
-            # Status topics are kernel.<ident>.status; once one is seen, only that is sent.
-            sock.setsockopt(zmq.SUBSCRIBE, b"kernel.")
-            sock.connect(url)
-            narrowed = False
-            while True:
-                narrowed = self._note_status(sock, await sock.recv_multipart(), narrowed)
-                # Then what else is queued (at most the socket's queue), and a pause: a kernel
-                # flooding its status topic costs the server a few small messages a tick.
+            while await channel.readable.wait(None):
+                # What is queued (at most the socket's queue), then a pause: a kernel flooding
+                # iopub costs the server a few small messages a tick.
                 for _ in range(RECEIVE_QUEUE_MESSAGES):
-                    if not await sock.poll(0):
+                    frames = channel.take_unparsed()
+                    if frames is None:
                         break
-                    narrowed = self._note_status(sock, await sock.recv_multipart(), narrowed)
+                    state = wire.broadcast_state(frames)
+                    if state is not None:
+                        self._note_status(state)
                 await asyncio.sleep(STATUS_PAUSE_SECONDS)
         except Exception as exc:  # noqa: BLE001 - a watcher must not take anything down with it
             log.warning("iopub status watch ended: %r", exc)
-        finally:
-            sock.close(linger=0)
 
-    def _note_status(self, sock: zmq.asyncio.Socket, frames: list[bytes], narrowed: bool) -> bool:
-        state = execution_state(frames)
-        if state is None:
-            return narrowed
-        if not narrowed:
-            sock.setsockopt(zmq.SUBSCRIBE, frames[0])
-            sock.setsockopt(zmq.UNSUBSCRIBE, b"kernel.")
+    def _note_status(self, state: str) -> None:
         self.execution_state = state
         self.last_activity = time.time()
-        return True
+
+    def _pause_reader(self) -> None:
+        task, self._status_task = self._status_task, None
+        if task is not None:
+            task.cancel()
+
+    def _resume_reader(self) -> None:
+        if self._status_task is None and self.kc is not None and self._death_watch is not None:
+            self._status_task = asyncio.create_task(self._read_between_calls())
 
     async def _connect(self) -> None:
         self.kc = self.km.client(context=bounded_context())
         self.kc.start_channels()
+        # Calls read iopub themselves: the statuses they see count too.
+        self.kc.iopub_channel.status_listener = self._note_status
         try:
             await self.kc.wait_for_ready(timeout=START_TIMEOUT)
         except RuntimeError as exc:
@@ -224,6 +220,33 @@ class SessionKernel:
         or cancelled_restarted when ``stop()`` turned true (a cancel: handled as a deadline).
 
         Raises KernelStartError when the restart after a deadline cannot start a kernel."""
+        assert self.kc is not None
+        # This call reads iopub now; the reader between calls stops until it returns.
+        self._pause_reader()
+        try:
+            return await self._execute(
+                code,
+                timeout=timeout,
+                silent=silent,
+                user_expressions=user_expressions,
+                restart_on_deadline=restart_on_deadline,
+                listener=listener,
+                stop=stop,
+            )
+        finally:
+            self._resume_reader()
+
+    async def _execute(
+        self,
+        code: str,
+        *,
+        timeout: float,
+        silent: bool,
+        user_expressions: dict[str, str] | None,
+        restart_on_deadline: bool,
+        listener: Callable[[str, dict[str, Any]], Any] | None,
+        stop: Callable[[], bool] | None,
+    ) -> tuple[runner.CellRun, str]:
         assert self.kc is not None
         # An interrupt still on its way (a REST interrupt, a repeated one) must not hit this cell.
         await self.km.settle_interrupts(INTERRUPT_GRACE)

@@ -1,10 +1,8 @@
 """How the server holds one kernel through jupyter_client: the manager (interrupts counted
-and acknowledged), the bounded zmq context, the death watch, how a kernel ended, and the
-one field the status watcher reads from a kernel's broadcasts."""
+and acknowledged), the bounded zmq context, the death watch, how a kernel ended."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from dataclasses import dataclass
@@ -17,9 +15,6 @@ from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 from traitlets import default
-
-# A status broadcast is ~30 bytes of content; the watcher reads nothing bigger.
-STATUS_CONTENT_BYTES = 256
 
 # What one kernel can make the server hold: libzmq queues whole messages on the receiving
 # side, by default 1000 of any size, so a cell printing 10 MB chunks in a loop grew the server
@@ -97,27 +92,6 @@ class DeathWatch(AsyncIOLoopKernelRestarter):  # type: ignore[misc]
             return
         self.stop()
         self._fire_callbacks("dead")
-
-
-def execution_state(frames: list[bytes]) -> str | None:
-    """``busy``/``idle``/``starting`` from one iopub message, if it is a status broadcast.
-
-    Only the topic and a tiny content frame are read: the rest of the message (the kernel's
-    to forge) is never parsed, and a forged status only misleads the culler about its own
-    kernel."""
-    if not frames or not frames[0].endswith(b".status"):
-        return None
-    try:
-        content = frames[frames.index(b"<IDS|MSG>") + 5]
-    except (ValueError, IndexError):
-        return None
-    if len(content) > STATUS_CONTENT_BYTES:
-        return None
-    try:
-        state = json.loads(content).get("execution_state")
-    except (ValueError, AttributeError):
-        return None
-    return state if state in ("busy", "idle", "starting") else None
 
 
 class SessionKernelManager(AsyncKernelManager):  # type: ignore[misc]
