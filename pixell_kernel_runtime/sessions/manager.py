@@ -343,11 +343,12 @@ class SessionManager(SessionOperations):
     async def _drop_kernel(self, session: Session, *, cause: str) -> None:
         kernel, session.kernel = session.kernel, None
         if kernel is not None:
-            # The provisioner's cleanup already swept the kernel's cgroup and ids.
-            await kernel.shutdown()
+            # Counted before the first await: a listing meanwhile sees the death whole.
             if cause != "shutdown":
                 metrics.KERNEL_DEATHS.labels(cause).inc()
                 session.restarts += 1
+            # The provisioner's cleanup already swept the kernel's cgroup and ids.
+            await kernel.shutdown()
 
     async def kernel_ended(self, session: Session, *, cause: str) -> None:
         """The kernel died (seen by a call or by its death watch): drop it, keep why."""

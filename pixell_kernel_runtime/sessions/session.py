@@ -83,7 +83,10 @@ class Session:
 
     def summary(self, *, host: bool = True, idle_limit: float | None = None) -> dict[str, Any]:
         """``host``: include host facts (pid, connection file path, RSS) -- attach/admin only."""
-        pid = self.kernel.pid if self.kernel else None
+        # A kernel seen dead whose remains are not yet dropped (the reaper runs next) already
+        # shows as what it is about to be: no process, one restart more.
+        dying = self.kernel is not None and self.kernel.died
+        pid = self.kernel.pid if self.kernel and not dying else None
         out = {
             "id": self.key,
             "session_id": self.session_id,
@@ -97,7 +100,7 @@ class Session:
             "last_activity": _iso(self.last_active()),
             "kernel_execution_state": self.kernel.execution_state if self.kernel else None,
             "executions": self.executions,
-            "restarts": self.restarts,
+            "restarts": self.restarts + dying,
             "queued": self.waiting,
         }
         if idle_limit is not None:
