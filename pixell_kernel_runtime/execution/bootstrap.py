@@ -21,6 +21,17 @@ COLLECT_EXPRESSION = {"r": f"{_HELPER}.collect()"}
 VARIABLES_EXPRESSION = {"r": f"{_HELPER}.variables()"}
 
 
+# Compiling the bootstrap cell (IPython's passes over it, then the helper's source) leaves its
+# peak in malloc's free lists: given back, with what the kernel's start left there, some 2 MiB
+# of every idle session (glibc only; elsewhere nothing happens).
+TRIM_CELL = (
+    "try:\n"
+    "    __import__('ctypes').CDLL('libc.so.6').malloc_trim(0)\n"
+    "except Exception:\n"
+    "    pass\n"
+)
+
+
 @cache
 def bootstrap_code() -> str:
     source = _KERNEL_SIDE.read_text(encoding="utf-8")
@@ -32,14 +43,7 @@ def bootstrap_code() -> str:
         "__pixell__ = __m\n"
         "__pixell__.install()\n"
         "del __s, __t, __m\n"
-        # Compiling this cell (IPython's passes over it, then the helper's source) leaves its
-        # peak in malloc's free lists: given back, with what the kernel's start left there,
-        # some 2 MiB of every idle session (glibc only; elsewhere nothing happens).
-        "try:\n"
-        "    __import__('ctypes').CDLL('libc.so.6').malloc_trim(0)\n"
-        "except Exception:\n"
-        "    pass\n"
-    )
+    ) + TRIM_CELL
 
 
 # The name under which phase one leaves an awaitable return value for phase two.
