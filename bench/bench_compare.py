@@ -1010,8 +1010,14 @@ def why(result: dict, s: dict) -> list[str]:
         "",
         f"Why. Warm: an invoke costs {rt['warm']['p50_ms'] - fl['warm']['p50_ms']:.2f} ms more "
         f"than the floor's execute at p50; the server spends {rt['cpu_ms']:.2f} ms of CPU on "
-        f"each sequential invoke (KG: {kg['cpu_ms']:.2f} ms), on the client's critical path; "
-        "idle, with one session open, the servers use "
+        f"each sequential invoke (KG: {kg['cpu_ms']:.2f} ms), on the client's critical path. "
+        "The 0.5 ms goal is below what `jupyter_client` alone costs to send one execute and "
+        f"read its replies: the floor's client (this process) spent {fl['cpu_ms']:.2f} ms per "
+        "sequential execute, with no HTTP, no answer to write and nothing metered; the "
+        "runtime's server does that work plus those (py-spy of a sequential loop: about a "
+        "third reading and checking kernel messages, a fifth tornado's HTTP, then the answer's "
+        "JSON, the execution record, the access log; the metering thread's probe reads and "
+        "SQLite insert run beside it). Idle, with one session open, the servers use "
         + ", ".join(f"{LABELS[n]} {v:.1f} ms/s" for n, v in idle.items())
         + (
             " (next to nothing: the sequential figure is the invokes' own)"
