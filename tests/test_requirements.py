@@ -310,7 +310,7 @@ def test_metrics_count_invocations_kernel_starts_and_deaths(
     assert delta(f'pixell_invocations_total{{agent="{HELLO}/greet",status="success"}}') == 1
     assert delta('pixell_kernel_starts_total{reason="new"}') == 2
     assert delta('pixell_kernel_starts_total{reason="restart"}') == 1
-    assert delta('pixell_kernel_start_seconds_count') == 3
+    assert delta("pixell_kernel_start_seconds_count") == 3
     # os._exit(3): the process exited (not a signal, not the memory limit).
     assert delta('pixell_kernel_deaths_total{reason="exit"}') == 1
     route = 'route="/runtime/agents/{id}/invoke"'

@@ -25,10 +25,7 @@ VARIABLES_EXPRESSION = {"r": f"{_HELPER}.variables()"}
 # peak in malloc's free lists: given back, with what the kernel's start left there, some 2 MiB
 # of every idle session (glibc only; elsewhere nothing happens).
 TRIM_CELL = (
-    "try:\n"
-    "    __import__('ctypes').CDLL('libc.so.6').malloc_trim(0)\n"
-    "except Exception:\n"
-    "    pass\n"
+    "try:\n    __import__('ctypes').CDLL('libc.so.6').malloc_trim(0)\nexcept Exception:\n    pass\n"
 )
 
 

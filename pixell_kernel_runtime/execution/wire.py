@@ -62,7 +62,7 @@ Frame = zmq.Frame | bytes
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
-def raw(frame: Frame) -> bytes:
+def _raw(frame: Frame) -> bytes:
     return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
 
 
@@ -75,7 +75,7 @@ def _split(frames: list[Frame]) -> list[Frame]:
     """The message parts after the routing identities (jupyter_client's feed_identities,
     without copying every frame to compare it)."""
     for i, frame in enumerate(frames):
-        if len(frame) == len(_DELIM) and raw(frame) == _DELIM:
+        if len(frame) == len(_DELIM) and _raw(frame) == _DELIM:
             parts = frames[i + 1 :]
             if len(parts) < 5:
                 raise ValueError(f"malformed message: {len(parts)} parts after the delimiter")
@@ -90,7 +90,7 @@ def broadcast_state(frames: list[Frame]) -> str | None:
     Only the topic and a tiny content frame are read: the rest of the message (the kernel's
     to forge) is never parsed, nor its signature checked; a forged status only misleads the
     culler about its own kernel."""
-    if not frames or not raw(frames[0]).endswith(b".status"):
+    if not frames or not _raw(frames[0]).endswith(b".status"):
         return None
     try:
         content = _split(frames)[4]
@@ -99,7 +99,7 @@ def broadcast_state(frames: list[Frame]) -> str | None:
     if len(content) > STATUS_CONTENT_BYTES:
         return None
     try:
-        state = json.loads(raw(content)).get("execution_state")
+        state = json.loads(_raw(content)).get("execution_state")
     except (ValueError, AttributeError):
         return None
     return state if state in KERNEL_STATES else None
@@ -108,7 +108,7 @@ def broadcast_state(frames: list[Frame]) -> str | None:
 def _verify(session: Session, parts: list[Frame]) -> None:
     """The signature check of ``Session.deserialize``, for a message that is not parsed (its
     big frames are signed in place, never copied)."""
-    _check_signature(session, [raw(parts[0]), *parts[1:5]])
+    _check_signature(session, [_raw(parts[0]), *parts[1:5]])
 
 
 def _check_signature(session: Session, head: list[Any]) -> None:
@@ -138,7 +138,7 @@ def _deserialize(session: Session, head: list[bytes], rest: list[Frame]) -> dict
         "parent_header": session.unpack(head[2]),
         "metadata": session.unpack(head[3]),
         "content": session.unpack(head[4]),
-        "buffers": [memoryview(raw(b)) for b in rest],
+        "buffers": [memoryview(_raw(b)) for b in rest],
     }
     return adapt(message)
 
@@ -146,7 +146,7 @@ def _deserialize(session: Session, head: list[bytes], rest: list[Frame]) -> dict
 def _small_dict(session: Session, frame: Frame) -> dict[str, Any]:
     if len(frame) > HEADER_LIMIT:
         return {}
-    value = session.unpack(raw(frame))
+    value = session.unpack(_raw(frame))
     return value if isinstance(value, dict) else {}
 
 
@@ -196,7 +196,7 @@ def parse(session: Session, frames: list[Frame]) -> dict[str, Any]:
         if wire > MESSAGE_LIMIT:
             reason = f"{wire} bytes, over the {MESSAGE_LIMIT}-byte message limit"
             return _dropped(session, parts, parts[1], parts[2], wire, None, reason)
-        head = [raw(p) for p in parts[:5]]
+        head = [_raw(p) for p in parts[:5]]
         values = count_values(head[1:])
         if values > MESSAGE_VALUES_LIMIT:
             reason = f"up to {values} JSON values, over the {MESSAGE_VALUES_LIMIT}-value limit"
@@ -283,15 +283,6 @@ def _expire(waiter: asyncio.Future[bool]) -> None:
         waiter.set_result(False)
 
 
-def recv_now(sock: zmq.Socket, copy: bool = False) -> list[Any] | None:
-    """The next message if one is queued, else None (never waits): frames, or bytes with
-    ``copy``."""
-    try:
-        return sock.recv_multipart(_NOBLOCK, copy=copy)
-    except zmq.Again:
-        return None
-
-
 class BoundedChannel(AsyncZMQSocketChannel):
     """A channel whose messages are measured first and parsed by :func:`parse`."""
 
@@ -311,19 +302,22 @@ class BoundedChannel(AsyncZMQSocketChannel):
     def readable(self) -> Readable:
         return self._readable
 
-    def _recv_now(self) -> list[Frame] | None:
-        return None if self._now is None else recv_now(self._now)
-
     def take_unparsed(self) -> list[Frame] | None:
-        """The next queued message's frames, not parsed nor checked (None: none queued)."""
-        return self._recv_now()
+        """The next queued message's frames, not parsed nor checked (None: none queued, or
+        closed); never waits."""
+        if self._now is None:
+            return None
+        try:
+            return self._now.recv_multipart(_NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
 
     async def get_msg(self, timeout: float | None = None) -> dict[str, Any]:  # type: ignore[override]
         if self._pending is None:
             # Asked first: a recv that finds nothing raises, which costs twice as much.
             if not self._readable.ready() and not await self._readable.signalled(timeout):
                 raise Empty
-            frames = self._recv_now()
+            frames = self.take_unparsed()
             if frames is None:  # closed meanwhile, or taken by another reader
                 raise Empty
             if sum(len(frame) for frame in frames) <= INLINE_BYTES:
