@@ -424,7 +424,8 @@ async def _next_message(kc: AsyncKernelClient, run: CellRun, timeout: float) -> 
     if await _take_reply(kc, run):
         return True
     try:
-        run.handle_iopub(await kc.get_iopub_msg(timeout=timeout))
+        # The channel's own get_msg: kc.get_iopub_msg only wraps it (ensure_async) again.
+        run.handle_iopub(await kc.iopub_channel.get_msg(timeout=timeout))
         return True
     except queue.Empty:
         pass
@@ -432,12 +433,19 @@ async def _next_message(kc: AsyncKernelClient, run: CellRun, timeout: float) -> 
     return await _take_reply(kc, run)
 
 
+def _queued(channel: Any) -> bool:
+    """Whether a message may be there, asked without a coroutine (the reply is looked for
+    before and after every iopub wait: mostly not there yet)."""
+    readable = getattr(channel, "readable", None)
+    return readable is None or readable.ready()
+
+
 async def _take_reply(kc: AsyncKernelClient, run: CellRun) -> bool:
     """Handle the shell reply if it is already there (never waits)."""
-    if run.status:
+    if run.status or not _queued(kc.shell_channel):
         return False
     try:
-        run.handle_reply(await kc.get_shell_msg(timeout=0))
+        run.handle_reply(await kc.shell_channel.get_msg(timeout=0))
         return True
     except queue.Empty:
         return False
@@ -445,7 +453,7 @@ async def _take_reply(kc: AsyncKernelClient, run: CellRun) -> bool:
 
 async def drain(kc: AsyncKernelClient) -> None:
     """Drop stale messages left by an abandoned cell, so the next run starts clean."""
-    for getter in (kc.get_iopub_msg, kc.get_shell_msg):
+    for getter in (kc.iopub_channel.get_msg, kc.shell_channel.get_msg):
         while True:
             try:
                 await getter(timeout=0)
