@@ -45,6 +45,8 @@ REPLY_AFTER_IDLE = 0.5
 # How often an idle kernel's process is polled (a waitpid that does not block).
 DEATH_POLL_SECONDS = 1.0
 STATUS_PAUSE_SECONDS = 0.05
+# How long after a call the reader between calls starts (what came meanwhile waits in the queue).
+READER_PAUSE_SECONDS = 0.25
 
 
 class KernelStartError(Exception):
@@ -88,6 +90,7 @@ class SessionKernel:
         self.last_activity: float | None = None
         self._death_watch: DeathWatch | None = None
         self._status_task: asyncio.Task[None] | None = None
+        self._reader_timer: asyncio.TimerHandle | None = None
 
     @property
     def pid(self) -> int | None:
@@ -154,11 +157,22 @@ class SessionKernel:
         self.last_activity = time.time()
 
     def _pause_reader(self) -> None:
+        timer, self._reader_timer = self._reader_timer, None
+        if timer is not None:
+            timer.cancel()
         task, self._status_task = self._status_task, None
         if task is not None:
             task.cancel()
 
     def _resume_reader(self) -> None:
+        # After a pause: back-to-back calls (which read iopub themselves, statuses included)
+        # then never start and cancel a reader task between them.
+        if self._reader_timer is None and self._status_task is None:
+            loop = asyncio.get_running_loop()
+            self._reader_timer = loop.call_later(READER_PAUSE_SECONDS, self._start_reader)
+
+    def _start_reader(self) -> None:
+        self._reader_timer = None
         if self._status_task is None and self.kc is not None and self._death_watch is not None:
             self._status_task = asyncio.create_task(self._read_between_calls())
 
