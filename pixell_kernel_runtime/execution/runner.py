@@ -436,8 +436,8 @@ async def _next_message(kc: AsyncKernelClient, run: CellRun, timeout: float) -> 
 def _queued(channel: Any) -> bool:
     """Whether a message may be there, asked without a coroutine (the reply is looked for
     before and after every iopub wait: mostly not there yet)."""
-    readable = getattr(channel, "readable", None)
-    return readable is None or readable.ready()
+    queued = getattr(channel, "queued", None)
+    return queued is None or queued()
 
 
 async def _take_reply(kc: AsyncKernelClient, run: CellRun) -> bool:

@@ -332,8 +332,13 @@ class BoundedChannel(AsyncZMQSocketChannel):
                 self._pending = None
         return self._checked(msg)
 
-    async def msg_ready(self) -> bool:  # type: ignore[override]
+    def queued(self) -> bool:
+        """A message can be had without waiting for the kernel: on the socket, or one taken
+        whose parse (off the loop) a cancelled reader left behind."""
         return self._pending is not None or self._readable.ready()
+
+    async def msg_ready(self) -> bool:  # type: ignore[override]
+        return self.queued()
 
     def close(self) -> None:
         # The shadow must never touch the socket once libzmq has closed it.
