@@ -238,56 +238,36 @@ class SessionKernel:
         # This call reads iopub now; the reader between calls stops until it returns.
         self._pause_reader()
         try:
-            return await self._execute(
+            # An interrupt still on its way (a REST interrupt, a repeated one) must not hit
+            # this cell.
+            await self.km.settle_interrupts(INTERRUPT_GRACE)
+            await runner.drain(self.kc)
+            run = runner.send(
+                self.kc,
                 code,
-                timeout=timeout,
                 silent=silent,
                 user_expressions=user_expressions,
-                restart_on_deadline=restart_on_deadline,
                 listener=listener,
-                stop=stop,
+                caps=self.caps,
             )
+            deadline = time.monotonic() + timeout
+            outcome = await runner.gather(
+                self.kc, run, deadline=deadline, is_alive=self.is_alive, stop=stop
+            )
+            if outcome not in ("deadline", "stopped") or not restart_on_deadline:
+                return run, outcome
+            why = "timeout" if outcome == "deadline" else "cancelled"
+            # Deadline: ask politely, then restart (losing state) if the cell ignores it.
+            outcome = await self._interrupt_within_grace(run, silent)
+            if outcome == "done":
+                await self.km.settle_interrupts(INTERRUPT_GRACE)
+                return run, why
+            if outcome == "dead":
+                return run, "dead"
+            await self.restart()
+            return run, f"{why}_restarted"
         finally:
             self._resume_reader()
-
-    async def _execute(
-        self,
-        code: str,
-        *,
-        timeout: float,
-        silent: bool,
-        user_expressions: dict[str, str] | None,
-        restart_on_deadline: bool,
-        listener: Callable[[str, dict[str, Any]], Any] | None,
-        stop: Callable[[], bool] | None,
-    ) -> tuple[runner.CellRun, str]:
-        assert self.kc is not None
-        # An interrupt still on its way (a REST interrupt, a repeated one) must not hit this cell.
-        await self.km.settle_interrupts(INTERRUPT_GRACE)
-        await runner.drain(self.kc)
-        run = runner.send(
-            self.kc,
-            code,
-            silent=silent,
-            user_expressions=user_expressions,
-            listener=listener,
-            caps=self.caps,
-        )
-        outcome = await runner.gather(
-            self.kc, run, deadline=time.monotonic() + timeout, is_alive=self.is_alive, stop=stop
-        )
-        if outcome not in ("deadline", "stopped") or not restart_on_deadline:
-            return run, outcome
-        why = "timeout" if outcome == "deadline" else "cancelled"
-        # Deadline: ask politely, then restart (losing state) if the cell ignores it.
-        outcome = await self._interrupt_within_grace(run, silent)
-        if outcome == "done":
-            await self.km.settle_interrupts(INTERRUPT_GRACE)
-            return run, why
-        if outcome == "dead":
-            return run, "dead"
-        await self.restart()
-        return run, f"{why}_restarted"
 
     async def _interrupt_within_grace(self, run: runner.CellRun, silent: bool) -> str:
         """Interrupt ``run`` and keep gathering it for INTERRUPT_GRACE: ``done`` (state kept),

@@ -100,7 +100,7 @@ class Session:
             "last_activity": _iso(self.last_active()),
             "kernel_execution_state": self.kernel.execution_state if self.kernel else None,
             "executions": self.executions,
-            "restarts": self.restarts + dying,
+            "restarts": self.restarts + int(dying),
             "queued": self.waiting,
         }
         if idle_limit is not None:
