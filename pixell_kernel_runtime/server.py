@@ -133,6 +133,11 @@ async def serve(settings: Settings) -> None:
         )
         await runtime.executor.drain(settings.shutdown_grace_seconds, force)
     finally:
+        # Also when start-up failed after the API was bound (a metrics port in use): nothing
+        # may be answered while the runtime stops (a health check saw 200 from a server that
+        # was exiting 1).
+        for listening in servers:
+            listening.stop()
         await runtime.stop()
         # What a drained call answered reaches its client before the process ends.
         await runtime.requests_done(timeout=0.0 if force.is_set() else 5.0)
